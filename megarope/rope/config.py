@@ -1,0 +1,319 @@
+"""RopeConfig: a validated RoPE method and its parameters, with Hugging Face import/export.
+
+Reads both spellings real checkpoints carry: transformers v4 (``rope_theta`` + ``rope_scaling``
+with ``type`` or ``rope_type``) and v5 (``rope_parameters`` with ``rope_theta`` inside), the
+legacy ``su`` name of LongRoPE, Phi-3's top-level ``original_max_position_embeddings`` and the
+Entropy-ABF checkpoints' ``{"type": "eabf", "factor": 4}`` (whose released code fixes the base to
+500,000).
+
+Export writes the transformers keys that give the same frequencies in vanilla transformers. What
+transformers cannot express (ntk, abf, eabf, LongRoPE's n-hat) goes, in addition, under the
+top-level ``megarope`` key so that ``from_hf(to_hf())`` round-trips; ``from_hf`` prefers it.
+Entropy-aware ABF's query scale has no transformers equivalent: vanilla transformers loading the
+export gets the right base but not the per-position query scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megarope.rope.methods import METHODS, base_inv_freq
+from megarope.rope.positions import entropy_query_scale, reduced_angles
+
+EXTRA_KEY = "megarope"
+LEGACY_TYPES = {"su": "longrope"}
+EABF_LEGACY_BASE = 500_000.0
+
+
+class RopeConfigError(ValueError):
+    """Invalid RoPE configuration; the message starts with the offending field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """A RoPE method (``rope_type``, a key of ``megarope.rope.methods.METHODS``) and its parameters.
+
+    Field names follow transformers' ``rope_parameters`` keys, plus ``n_hat`` (LongRoPE's
+    un-interpolated first positions) and ``unscaled_layers`` (entropy-aware ABF: how many first
+    layers keep an unscaled query). ``attention_factor_override`` is transformers'
+    ``attention_factor`` key (the name ``attention_factor`` is the method computing the value).
+    """
+
+    rope_type: str = "default"
+    head_dim: int = 128
+    rope_theta: float = 10_000.0
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: int | None = None
+    original_max_position_embeddings: int | None = None
+    factor: float | None = None
+    attention_factor_override: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    long_factor: tuple[float, ...] | None = None
+    short_factor: tuple[float, ...] | None = None
+    n_hat: int = 0
+    unscaled_layers: int = 2
+
+    def __post_init__(self):
+        for name in ("long_factor", "short_factor"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        self._validate()
+        if self.rope_type == "yarn" and self.factor is None:
+            # canonical form: transformers' yarn needs `factor` spelled out on export
+            object.__setattr__(self, "factor", self.scale)
+
+    # ----------------------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        if self.rope_type not in METHODS:
+            raise RopeConfigError("rope_type", f"unknown method {self.rope_type!r}; known: {sorted(METHODS)}")
+        _check_int(self.head_dim, "head_dim", minimum=1)
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise RopeConfigError("partial_rotary_factor", f"must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise RopeConfigError(
+                "head_dim", f"rotary dim head_dim*partial_rotary_factor={self.rotary_dim} must be even and >= 2"
+            )
+        for name in METHODS[self.rope_type].required:
+            if getattr(self, name) is None:
+                raise RopeConfigError(name, f"required by rope_type {self.rope_type!r} but missing")
+        if self.rope_theta <= 1:
+            raise RopeConfigError("rope_theta", f"must be > 1, got {self.rope_theta}")
+        if self.factor is not None and self.factor < 1:
+            raise RopeConfigError("factor", f"must be >= 1, got {self.factor}")
+        for name in ("max_position_embeddings", "original_max_position_embeddings"):
+            if getattr(self, name) is not None:
+                _check_int(getattr(self, name), name, minimum=1)
+        for name in ("long_factor", "short_factor"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != self.rotary_dim // 2:
+                raise RopeConfigError(
+                    name, f"needs rotary_dim/2 = {self.rotary_dim // 2} entries (one per frequency), got {len(values)}"
+                )
+            bad = [i for i, v in enumerate(values) if not v > 0]
+            if bad:
+                raise RopeConfigError(name, f"entries must be > 0, got {values[bad[0]]} at index {bad[0]}")
+        _check_int(self.n_hat, "n_hat", minimum=0)
+        if self.n_hat and self.rope_type != "longrope":
+            raise RopeConfigError("n_hat", f"only used by rope_type 'longrope', got {self.rope_type!r}")
+        _check_int(self.unscaled_layers, "unscaled_layers", minimum=0)
+        if self.rope_type in ("yarn", "longrope") and self.factor is None:
+            if self.max_position_embeddings is None:
+                raise RopeConfigError("factor", f"rope_type {self.rope_type!r} needs factor or max_position_embeddings")
+            if self.max_position_embeddings <= self.original_max_position_embeddings:
+                raise RopeConfigError(
+                    "original_max_position_embeddings",
+                    f"original window {self.original_max_position_embeddings} must be smaller than the target "
+                    f"length max_position_embeddings={self.max_position_embeddings}",
+                )
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise RopeConfigError("high_freq_factor", "must be greater than low_freq_factor")
+        if self.rope_type == "eabf" and self.original_max_position_embeddings < 2:
+            raise RopeConfigError("original_max_position_embeddings", "must be >= 2 (log of the window)")
+
+    # ----------------------------------------------------------------------------- derived values
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def scale(self) -> float:
+        """Extension ratio s: ``factor``, or max_position/original (Phi-3, DeepSeek convention)."""
+        if self.factor is not None:
+            return float(self.factor)
+        return self.max_position_embeddings / self.original_max_position_embeddings
+
+    def inv_freq(self, seq_len: int | None = None) -> torch.Tensor:
+        """float64 [rotary_dim // 2]; ``seq_len`` selects LongRoPE's long/short set and dynamic NTK's base."""
+        return METHODS[self.rope_type].init(self, seq_len)[0]
+
+    def attention_factor(self, seq_len: int | None = None) -> float:
+        """cos/sin multiplier (transformers' attention_factor, megatron's mscale)."""
+        return METHODS[self.rope_type].init(self, seq_len)[1]
+
+    def angles(self, positions: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+        """float32 [n, rotary_dim // 2] in [-pi, pi]. ``seq_len`` defaults to max(positions)+1, as
+        transformers decides per forward; pass the global length where positions are a shard
+        (context parallelism)."""
+        if seq_len is None:
+            seq_len = int(positions.max()) + 1 if positions.numel() else 0
+        unscaled = base_inv_freq(self.rope_theta, self.rotary_dim) if self.n_hat else None
+        return reduced_angles(positions, self.inv_freq(seq_len), unscaled_inv_freq=unscaled, n_hat=self.n_hat)
+
+    def query_scale(self, positions: torch.Tensor, layer_number: int) -> torch.Tensor:
+        """float32 [n] query multiplier; ``layer_number`` is 1-based as in megatron. Ones unless
+        the method scales queries and the layer is past the first ``unscaled_layers``."""
+        if METHODS[self.rope_type].query_scale and layer_number > self.unscaled_layers:
+            return entropy_query_scale(positions, self.original_max_position_embeddings)
+        return torch.ones(positions.numel(), dtype=torch.float32, device=positions.device)
+
+    @property
+    def has_query_scale(self) -> bool:
+        return METHODS[self.rope_type].query_scale
+
+    def replace(self, **changes: Any) -> RopeConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------------------- dict forms
+    def to_dict(self) -> dict[str, Any]:
+        """Non-default fields, JSON-ready (lists for factor sets)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != f.default or f.name in ("rope_type", "head_dim", "rope_theta"):
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RopeConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise RopeConfigError(unknown[0], f"unknown RoPE field; known: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> RopeConfig:
+        """From a config.json dict (transformers v4 or v5 style)."""
+        params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+            raise RopeConfigError("rope_parameters", "per-layer-type (nested) RoPE parameters are not supported")
+        legacy_type = params.get("type")
+        rope_type = params.get("rope_type") or legacy_type or "default"
+        rope_type = LEGACY_TYPES.get(rope_type, rope_type)
+        head_dim = config.get("head_dim")
+        if head_dim is None:
+            if "hidden_size" not in config or "num_attention_heads" not in config:
+                raise RopeConfigError("head_dim", "missing (and no hidden_size / num_attention_heads to derive it)")
+            head_dim = config["hidden_size"] // config["num_attention_heads"]
+        theta = params.get("rope_theta", config.get("rope_theta", 10_000.0))
+        if rope_type == "eabf" and legacy_type == "eabf" and "rope_theta" not in params:
+            theta = EABF_LEGACY_BASE
+        max_pos = config.get("max_position_embeddings")
+        # transformers gives Phi-3's top-level value priority, then defaults to the model window
+        original = config.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+        if original is None and rope_type in ("llama3", "yarn", "longrope", "eabf"):
+            original = max_pos
+        values: dict[str, Any] = {
+            "rope_type": rope_type,
+            "head_dim": head_dim,
+            "rope_theta": float(theta),
+            "partial_rotary_factor": params.get("partial_rotary_factor", config.get("partial_rotary_factor")) or 1.0,
+            "max_position_embeddings": max_pos,
+            "original_max_position_embeddings": original,
+            "attention_factor_override": params.get("attention_factor"),
+        }
+        for key in _HF_PASSTHROUGH:
+            if params.get(key) is not None:
+                values[key] = params[key]
+        if rope_type == "eabf" and legacy_type == "eabf":
+            values.pop("factor", None)  # the released E-ABF code ignores it (base and window are fixed)
+        if rope_type == "dynamic" and max_pos is None:
+            raise RopeConfigError("max_position_embeddings", "required by rope_type 'dynamic' but missing")
+        values.update(config.get(EXTRA_KEY) or {})
+        return cls.from_dict(values)
+
+    def to_hf(self) -> dict[str, Any]:
+        """Keys to merge into a config.json (v5 ``rope_parameters`` plus v4 ``rope_theta`` /
+        ``rope_scaling``); vanilla transformers loading them computes the same frequencies."""
+        hf_type = METHODS[self.rope_type].hf_type
+        params: dict[str, Any] = {"rope_type": hf_type or "default", "rope_theta": self.rope_theta}
+        if hf_type is None:
+            # same frequencies expressed as a plain base: exact for ntk/abf/eabf, whose inv_freq is base^(-2i/d)
+            params["rope_theta"] = self._effective_base()
+        else:
+            for key in _HF_PASSTHROUGH:
+                value = getattr(self, key)
+                if value is not None and hf_type != "default":
+                    params[key] = list(value) if isinstance(value, tuple) else value
+            if self.attention_factor_override is not None:
+                params["attention_factor"] = self.attention_factor_override
+            if hf_type in ("llama3", "yarn", "longrope"):
+                params["original_max_position_embeddings"] = self.original_max_position_embeddings
+            for key in ("beta_fast", "beta_slow", "mscale", "low_freq_factor", "high_freq_factor", "truncate"):
+                if hf_type not in _HF_KEYS_BY_TYPE.get(key, ()):
+                    params.pop(key, None)
+        if self.partial_rotary_factor != 1.0:
+            params["partial_rotary_factor"] = self.partial_rotary_factor
+        out: dict[str, Any] = {
+            "head_dim": self.head_dim,
+            "rope_theta": params["rope_theta"],
+            "rope_parameters": params,
+            "rope_scaling": None if params["rope_type"] == "default" else {k: v for k, v in params.items() if k != "rope_theta"},
+        }
+        if self.max_position_embeddings is not None:
+            out["max_position_embeddings"] = self.max_position_embeddings
+        if self.partial_rotary_factor != 1.0:
+            out["partial_rotary_factor"] = self.partial_rotary_factor
+        if hf_type is None or self.n_hat:
+            out[EXTRA_KEY] = self.to_dict()
+        return out
+
+    def _effective_base(self) -> float:
+        inv = self.inv_freq()
+        # inv[1] = base^(-2/d) for a plain-base method
+        return float(inv[1] ** (-self.rotary_dim / 2))
+
+    def describe(self) -> str:
+        """One line for logs and tables."""
+        keys = {k: v for k, v in self.to_dict().items() if k not in ("long_factor", "short_factor")}
+        return ", ".join(f"{k}={v}" for k, v in keys.items())
+
+
+# transformers rope_parameters keys copied 1:1 into RopeConfig fields (and back on export)
+_HF_PASSTHROUGH = (
+    "factor",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "truncate",
+    "low_freq_factor",
+    "high_freq_factor",
+    "long_factor",
+    "short_factor",
+)
+# which transformers types read the optional keys (others would only trigger its unknown-key warning)
+_HF_KEYS_BY_TYPE = {
+    "beta_fast": ("yarn",),
+    "beta_slow": ("yarn",),
+    "mscale": ("yarn",),
+    "truncate": ("yarn",),
+    "low_freq_factor": ("llama3",),
+    "high_freq_factor": ("llama3",),
+}
+
+
+def _check_int(value: Any, field: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RopeConfigError(field, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def method_table(rc_by_name: dict[str, RopeConfig], lengths: list[int]) -> str:
+    """Markdown table: attention factor and the lowest/highest wavelength (in tokens) per length."""
+    rows = ["| method | parameters | length | attention factor | shortest wavelength | longest wavelength |", "|---|---|---|---|---|---|"]
+    for name, rc in rc_by_name.items():
+        for length in lengths:
+            wavelengths = 2 * math.pi / rc.inv_freq(length)
+            rows.append(
+                f"| {name} | {rc.describe()} | {length} | {rc.attention_factor(length):.4f} | "
+                f"{wavelengths.min().item():.1f} | {wavelengths.max().item():.0f} |"
+            )
+    return "\n".join(rows)
