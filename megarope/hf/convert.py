@@ -1,0 +1,259 @@
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2) <-> megatron-core GPT with megarope.
+
+Config through transformers' config classes (``AutoConfig``), weights through safetensors. The
+RoPE keys go through ``RopeConfig.from_hf`` / ``to_hf``.
+
+Weight layout differences handled here:
+- megatron fuses q/k/v into ``linear_qkv`` grouped per KV head: for each query group, its query
+  heads, then its key head, then its value head;
+- megatron fuses gate and up projections into ``linear_fc1`` as [gate; up] (its GLU applies the
+  activation to the first half);
+- with the Transformer Engine spec the norms live inside the fused linear layers
+  (``layer_norm_weight``); with the local spec they are separate modules. Both are recognised.
+Tensor parallel shards and pipeline stages are cut from the full tensors on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from megarope.rope.config import RopeConfig
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+def _hf_config(path: str | os.PathLike):
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: no config.json in {path}")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in SUPPORTED:
+        raise ValueError(f"model.path: model_type {config.model_type!r} is not supported (supported: {SUPPORTED})")
+    return config
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_from_hf_config(config) -> RopeConfig:
+    """RopeConfig of a transformers config object (or of a config.json dict)."""
+    values = config if isinstance(config, dict) else config.to_dict()
+    return RopeConfig.from_hf(values)
+
+
+def transformer_config_from_hf(config, **overrides):
+    from megarope.mcore.spec import transformer_config
+
+    tp = _parallel_sizes()[0]
+    return transformer_config(
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_key_value_heads,
+        kv_channels=_head_dim(config),
+        ffn_hidden_size=config.intermediate_size,
+        layernorm_epsilon=config.rms_norm_eps,
+        add_qkv_bias=bool(getattr(config, "attention_bias", False) or config.model_type == "qwen2"),
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=_parallel_sizes()[1],
+        context_parallel_size=_parallel_sizes()[2],
+        **overrides,
+    )
+
+
+def _parallel_sizes() -> tuple[int, int, int]:
+    from megatron.core import parallel_state
+
+    return (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_context_parallel_world_size(),
+    )
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model.path: no *.safetensors files in {path}")
+    weights = {}
+    for file in files:
+        weights.update(load_file(file))
+    return {k.removeprefix("model."): v for k, v in weights.items()}
+
+
+def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **config_overrides):
+    """A megatron-core ``GPTModel`` with megarope layers from a Hugging Face checkpoint folder.
+
+    In a plain process (no torchrun) a one-rank process group is created. Under an initialised
+    megatron parallel state, this rank's tensor-parallel shard and pipeline stage are loaded.
+    ``rope`` overrides the checkpoint's RoPE configuration (e.g. to extend it).
+    """
+    from megatron.core import parallel_state
+
+    from megarope.mcore import parallel
+    from megarope.mcore.spec import gpt_model
+
+    path = Path(path)
+    config = _hf_config(path)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel.initialize()
+    rope = rope or rope_from_hf_config(config)
+    tconfig = transformer_config_from_hf(config, **config_overrides)
+    model = gpt_model(
+        tconfig,
+        rope,
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        share_embeddings_and_output_weights=bool(config.tie_word_embeddings),
+    )
+    load_hf_weights(model, _load_weights(path), config)
+    model.eval()
+    return model
+
+
+def _tp_shard(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return torch.chunk(tensor, tp, dim=dim)[rank].contiguous()
+
+
+def _qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """HF separate q/k/v (weights [out, in] or biases [out]) -> megatron's grouped layout."""
+    rest = q.shape[1:]
+    q = q.reshape(groups, -1, *rest)
+    k = k.reshape(groups, -1, *rest)
+    v = v.reshape(groups, -1, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def load_hf_weights(model, weights: dict[str, torch.Tensor], config) -> None:
+    """Copy full HF tensors into this rank's shard/stage of ``model`` (strict: every tensor used)."""
+    groups = config.num_key_value_heads
+    state = model.state_dict()
+    target: dict[str, torch.Tensor] = {}
+    local_layers = len(model.decoder.layers)
+    offset = model.decoder.layers[0].layer_number - 1 if local_layers else 0
+
+    def put(name: str, value: torch.Tensor) -> None:
+        if name not in state:
+            raise KeyError(f"megatron model has no parameter {name!r}")
+        target[name] = value.to(state[name].dtype)
+
+    def norm_key(layer: str, fused: str, separate: str) -> str:
+        return f"{layer}.{fused}" if f"{layer}.{fused}" in state else f"{layer}.{separate}"
+
+    if model.pre_process:
+        put("embedding.word_embeddings.weight", _tp_shard(weights["embed_tokens.weight"], 0))
+    if model.post_process:
+        put("decoder.final_layernorm.weight", weights["norm.weight"])
+        if not config.tie_word_embeddings:
+            put("output_layer.weight", _tp_shard(weights["lm_head.weight"], 0))
+    for local in range(local_layers):
+        hf = f"layers.{local + offset}"
+        mc = f"decoder.layers.{local}"
+        qkv = _qkv(*(weights[f"{hf}.self_attn.{p}_proj.weight"] for p in "qkv"), groups)
+        put(f"{mc}.self_attention.linear_qkv.weight", _tp_shard(qkv, 0))
+        if f"{hf}.self_attn.q_proj.bias" in weights:
+            bias = _qkv(*(weights[f"{hf}.self_attn.{p}_proj.bias"] for p in "qkv"), groups)
+            put(f"{mc}.self_attention.linear_qkv.bias", _tp_shard(bias, 0))
+        put(f"{mc}.self_attention.linear_proj.weight", _tp_shard(weights[f"{hf}.self_attn.o_proj.weight"], 1))
+        put(norm_key(mc, "self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
+            weights[f"{hf}.input_layernorm.weight"])
+        put(norm_key(mc, "mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"),
+            weights[f"{hf}.post_attention_layernorm.weight"])
+        gate = _tp_shard(weights[f"{hf}.mlp.gate_proj.weight"], 0)
+        up = _tp_shard(weights[f"{hf}.mlp.up_proj.weight"], 0)
+        put(f"{mc}.mlp.linear_fc1.weight", torch.cat([gate, up], dim=0))
+        put(f"{mc}.mlp.linear_fc2.weight", _tp_shard(weights[f"{hf}.mlp.down_proj.weight"], 1))
+    missing = [k for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+               and k not in target and "output_layer" not in k]
+    if missing:
+        raise KeyError(f"no Hugging Face weight for {missing[:5]}")
+    model.load_state_dict(target, strict=False)
+
+
+def to_hf(model, path: str | os.PathLike, hf_config, rope: RopeConfig | None = None) -> Path:
+    """Write ``model`` (one process, no TP/PP) as a Hugging Face folder: safetensors + config.json
+    whose RoPE keys vanilla transformers loads. ``hf_config`` is the transformers config of the
+    architecture (e.g. the imported checkpoint's); its RoPE keys are replaced by ``rope``'s."""
+    from megarope.mcore.spec import rope_of
+
+    if any(size > 1 for size in _parallel_sizes()[:2]):
+        raise ValueError("to_hf writes from one process: gather TP/PP shards first (parallel.tp=1, parallel.pp=1)")
+    rope = rope or rope_of(model)
+    groups = hf_config.num_key_value_heads
+    heads, head_dim = hf_config.num_attention_heads, _head_dim(hf_config)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
+           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+    if not hf_config.tie_word_embeddings:
+        out["lm_head.weight"] = state["output_layer.weight"]
+    q_per_group = heads // groups
+    for i in range(hf_config.num_hidden_layers):
+        mc, hf = f"decoder.layers.{i}", f"model.layers.{i}"
+        for kind in ("weight", "bias"):
+            fused = state.get(f"{mc}.self_attention.linear_qkv.{kind}")
+            if fused is None:
+                continue
+            fused = fused.reshape(groups, (q_per_group + 2) * head_dim, *fused.shape[1:])
+            q, k, v = torch.split(fused, [q_per_group * head_dim, head_dim, head_dim], dim=1)
+            for name, part in zip("qkv", (q, k, v)):
+                out[f"{hf}.self_attn.{name}_proj.{kind}"] = part.reshape(-1, *fused.shape[2:]).contiguous()
+        out[f"{hf}.self_attn.o_proj.weight"] = state[f"{mc}.self_attention.linear_proj.weight"]
+        for hf_name, fused, separate in (
+            ("input_layernorm", "self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
+            ("post_attention_layernorm", "mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"),
+        ):
+            out[f"{hf}.{hf_name}.weight"] = state.get(f"{mc}.{fused}", state.get(f"{mc}.{separate}"))
+        gate, up = torch.chunk(state[f"{mc}.mlp.linear_fc1.weight"], 2, dim=0)
+        out[f"{hf}.mlp.gate_proj.weight"], out[f"{hf}.mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
+        out[f"{hf}.mlp.down_proj.weight"] = state[f"{mc}.mlp.linear_fc2.weight"]
+
+    values = hf_config.to_dict()
+    for key in ("rope_scaling", "rope_parameters", "rope_theta", "megarope", "original_max_position_embeddings"):
+        values.pop(key, None)
+    values.update(rope.to_hf())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    save_file(out, staging / "model.safetensors", metadata={"format": "pt"})
+    (staging / "config.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    (staging / "README.md").write_text(_export_note(rope))
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(staging, path)
+    if rope.has_query_scale or rope.n_hat:
+        log.warning("%s", _export_note(rope).splitlines()[2])
+    return path
+
+
+def _export_note(rope: RopeConfig) -> str:
+    lines = ["# Exported by megarope", "", f"RoPE: {rope.describe()}."]
+    if rope.has_query_scale:
+        lines[2] = (
+            "Entropy-aware ABF has no transformers equivalent: vanilla transformers uses the new base "
+            f"({rope.rope_theta:g}) but NOT the per-position query scale max(1, log(i+1)/log(c)) of layers "
+            f"> {rope.unscaled_layers}; the full parameters are kept under the `megarope` key of config.json."
+        )
+    elif rope.n_hat:
+        lines[2] = (
+            f"LongRoPE n_hat={rope.n_hat} has no transformers key: vanilla transformers interpolates the first "
+            "positions too; the full parameters are kept under the `megarope` key of config.json."
+        )
+    return "\n".join(lines) + "\n"

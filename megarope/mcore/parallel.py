@@ -1,0 +1,141 @@
+"""The one place that sets up distribution: process group, megatron's parallel state, seeds.
+
+Launchers, in order of precedence:
+- torchrun (or anything torchrun-like: ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
+  set) -> ``env://``;
+- ``srun`` without torchrun (``SLURM_STEP_NUM_TASKS`` > 1) -> rank/world size from ``SLURM_*``,
+  ``MASTER_ADDR``/``MASTER_PORT`` from the sbatch script, then ``env://``;
+- none (a plain ``python``) -> a one-rank group on an in-memory store, no port needed.
+
+Backend: nccl when CUDA is available, gloo otherwise (with the CPU layer of ``compat`` enabled so
+megatron's own training machinery runs on CPU tensors).
+"""
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megarope.mcore import compat
+
+__all__ = ["Launch", "destroy", "detect_launch", "initialize"]
+
+_created_process_group = False
+
+
+@dataclass(frozen=True)
+class Launch:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "torchrun", "srun", "none", or "existing" (a group was already up)
+
+
+def detect_launch() -> Launch:
+    """Where this process sits, read from the launcher's environment (or the live group)."""
+    env = os.environ
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        return Launch(rank, dist.get_world_size(), int(env.get("LOCAL_RANK", rank)), "existing")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch(
+            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
+        )
+    # SLURM_STEP_NUM_TASKS is set by srun for its step only, not in the sbatch batch script,
+    # where a plain `python` must not mistake the job's task count for its own world.
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return Launch(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_STEP_NUM_TASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            "srun",
+        )
+    return Launch(0, 1, 0, "none")
+
+
+def _validate(tp: int, pp: int, cp: int, world_size: int) -> None:
+    for name, value in (("tp", tp), ("pp", pp), ("cp", cp)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
+    if world_size % (tp * pp * cp):
+        raise ValueError(
+            f"world size {world_size} is not divisible by parallel.tp * parallel.pp * "
+            f"parallel.cp = {tp} * {pp} * {cp} = {tp * pp * cp}"
+        )
+
+
+def _init_process_group(launch: Launch) -> None:
+    global _created_process_group
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(launch.local_rank)
+    backend = "nccl" if cuda else "gloo"
+    if launch.launcher == "none":
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        if launch.launcher == "srun":
+            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+            if missing:
+                raise RuntimeError(
+                    f"under srun without torchrun, export {' and '.join(missing)} in the sbatch "
+                    "script (e.g. the first host of $SLURM_JOB_NODELIST and a free port)"
+                )
+        dist.init_process_group(
+            backend, init_method="env://", rank=launch.rank, world_size=launch.world_size
+        )
+    _created_process_group = True
+
+
+def initialize(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> Launch:
+    """Initialise torch.distributed (if needed), megatron's parallel state and all RNGs.
+
+    Data-parallel size is what is left: world_size / (tp * pp * cp). Every rank gets the same
+    ``seed`` for python/numpy/torch; megatron's tracker then derives the TP-rank-specific
+    stream from it (``model_parallel_cuda_manual_seed``). Idempotent for the same sizes.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    launch = detect_launch()
+    _validate(tp, pp, cp, launch.world_size)
+    compat.enable_cpu_compat()
+    compat.quiet_gpt_model_deprecation()
+
+    if parallel_state.model_parallel_is_initialized():
+        current = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size(),
+        )
+        if current != (tp, pp, cp):
+            raise RuntimeError(
+                f"megatron parallel state already initialised with tp/pp/cp={current}; "
+                "call megarope.mcore.parallel.destroy() first"
+            )
+    else:
+        if not dist.is_initialized():
+            _init_process_group(launch)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            context_parallel_size=cp,
+        )
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return launch
+
+
+def destroy() -> None:
+    """Tear down megatron's parallel state and the process group ``initialize`` created."""
+    global _created_process_group
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if _created_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _created_process_group = False

@@ -1,0 +1,147 @@
+"""A few lines to a megatron-core GPT model with megarope inside.
+
+    from megarope import RopeConfig
+    from megarope.mcore.spec import transformer_config, gpt_model
+
+    config = transformer_config(num_layers=2, hidden_size=256, num_attention_heads=4)
+    rope = RopeConfig(rope_type="yarn", head_dim=64, factor=8.0, original_max_position_embeddings=4096)
+    model = gpt_model(config, rope, vocab_size=32000, max_sequence_length=32768)
+
+For your own model: ``layer_spec(rope)`` is megatron's GPT layer spec (Transformer Engine's where
+importable, the local one otherwise) with ``MegaropeCoreAttention`` in the ``core_attention``
+slot, and ``install_rope(model, rope)`` swaps ``model.rotary_pos_emb`` for
+``MegaropeRotaryEmbedding``. Both are needed: the rotary gives the angles, the core attention the
+attention factor and the entropy-aware query scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megarope.mcore.attention import MegaropeCoreAttention
+from megarope.mcore.rotary import MegaropeRotaryEmbedding
+from megarope.rope.config import RopeConfig
+
+
+def te_available() -> bool:
+    """Transformer Engine is GPU-only; its spec is used when it imports and a GPU is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_spec(rope: RopeConfig, use_te: bool | None = None, normalization: str = "RMSNorm",
+               qk_layernorm: bool = False) -> ModuleSpec:
+    """megatron's GPT layer spec with megarope's core attention wrapped around the original one."""
+    if use_te is None:
+        use_te = te_available()
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    return wrap_core_attention(spec, rope)
+
+
+def wrap_core_attention(spec: ModuleSpec, rope: RopeConfig) -> ModuleSpec:
+    """A copy of a layer spec whose core attention is ``MegaropeCoreAttention`` around the original."""
+    spec = copy.deepcopy(spec)
+    attention = spec.submodules.self_attention.submodules
+    inner = attention.core_attention
+    inner_cls = inner.module if isinstance(inner, ModuleSpec) else inner
+    attention.core_attention = ModuleSpec(module=MegaropeCoreAttention, params={"rope": rope, "inner": inner_cls})
+    return spec
+
+
+def transformer_config(**kwargs) -> TransformerConfig:
+    """TransformerConfig with Llama-style defaults (RMSNorm, SwiGLU, no biases) and, without a GPU,
+    the fused CUDA kernels turned off. Every field can be overridden."""
+    defaults = dict(
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        apply_rope_fusion=False,
+    )
+    if not torch.cuda.is_available():
+        defaults.update(
+            use_cpu_initialization=True,
+            gradient_accumulation_fusion=False,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+        )
+    return TransformerConfig(**{**defaults, **kwargs})
+
+
+def install_rope(model: GPTModel, rope: RopeConfig) -> GPTModel:
+    """Replace ``model.rotary_pos_emb`` (megatron's RotaryEmbedding) with megarope's."""
+    config = model.config
+    if rope.head_dim != config.kv_channels:
+        raise ValueError(f"rope.head_dim={rope.head_dim} differs from the model's kv_channels={config.kv_channels}")
+    pg = getattr(model, "pg_collection", None)
+    cp_group = getattr(pg, "cp", None) if pg is not None else None
+    model.rotary_pos_emb = MegaropeRotaryEmbedding(rope, rotary_interleaved=config.rotary_interleaved, cp_group=cp_group)
+    return model
+
+
+def gpt_model(config: TransformerConfig, rope: RopeConfig, vocab_size: int, max_sequence_length: int | None = None,
+              spec: ModuleSpec | None = None, pre_process: bool | None = None, post_process: bool | None = None,
+              share_embeddings_and_output_weights: bool = False, **kwargs) -> GPTModel:
+    """A megatron-core GPTModel with megarope's rotary embedding and core attention (this pipeline
+    stage's layers only, as GPTModel itself does)."""
+    if config.kv_channels is not None and rope.head_dim != config.kv_channels:
+        raise ValueError(f"rope.head_dim={rope.head_dim} differs from the model's kv_channels={config.kv_channels}")
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec if spec is not None else layer_spec(rope),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length or rope.max_position_embeddings or 4096,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_percent=rope.partial_rotary_factor,
+        rotary_base=int(rope.rope_theta),
+        **kwargs,
+    )
+    return install_rope(model, rope)
+
+
+def rope_of(model: torch.nn.Module) -> RopeConfig:
+    """The RopeConfig a megarope model currently uses (e.g. after loading a checkpoint)."""
+    inner = model
+    while not hasattr(inner, "rotary_pos_emb") and hasattr(inner, "module"):
+        inner = inner.module
+    return inner.rotary_pos_emb.rope
+
+
+def set_rope(model: torch.nn.Module, rope: RopeConfig) -> None:
+    """Switch every megarope module of ``model`` to ``rope`` (e.g. a new LongRoPE candidate)."""
+    for module in model.modules():
+        if isinstance(module, (MegaropeRotaryEmbedding, MegaropeCoreAttention)):
+            module.set_rope(rope)
+
+
+__all__ = ["layer_spec", "wrap_core_attention", "transformer_config", "install_rope", "gpt_model", "rope_of",
+           "set_rope", "te_available", "dataclasses"]

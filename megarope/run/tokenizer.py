@@ -1,0 +1,80 @@
+"""Tokenizers behind one tiny interface: ``encode``, ``decode``, ``bos_id``, ``eos_id``, ``pad_id``,
+``vocab_size``.
+
+``load_tokenizer("bytes")`` gives the built-in byte tokenizer (no files, no download); any other spec
+is a checkpoint folder loaded with ``transformers.AutoTokenizer``. ``encode`` never adds special
+tokens: the data layer adds BOS/EOS itself so both kinds behave the same.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence, Union
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens.
+
+    Ids: 0-255 are the bytes themselves, ``BOS = 256``, ``EOS = 257``, ``PAD = 258``;
+    ``vocab_size = 259``.
+    """
+
+    BOS = 256
+    EOS = 257
+    PAD = 258
+
+    bos_id = BOS
+    eos_id = EOS
+    pad_id = PAD
+    vocab_size = 259
+    # The data layer renders conversations with its plain template when this is None.
+    chat_template = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # Special ids carry no text; a cut through a multi-byte character decodes to U+FFFD.
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A ``transformers`` tokenizer reduced to the same interface; ``hf`` is the wrapped object."""
+
+    def __init__(self, hf: Any, name: str = ""):
+        self.hf = hf
+        if hf.eos_token_id is None:
+            raise ValueError(
+                f"data.tokenizer: tokenizer {name!r} defines no EOS token; documents and assistant "
+                "turns are terminated with EOS"
+            )
+        # BOS is optional (some families have none); PAD falls back to EOS as in most causal LMs.
+        # Padding is never found by comparing ids: masks are built from positions.
+        self.bos_id = hf.bos_token_id
+        self.eos_id = hf.eos_token_id
+        self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
+        self.vocab_size = len(hf)
+        self.chat_template = hf.chat_template
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+Tokenizer = Union[ByteTokenizer, HFTokenizer]
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """``"bytes"`` → :class:`ByteTokenizer`; a folder path → :class:`HFTokenizer` (offline)."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    path = os.path.expanduser(spec)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"data.tokenizer: {spec!r} is neither 'bytes' nor an existing tokenizer/checkpoint folder"
+        )
+    from transformers import AutoTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(path), name=spec)

@@ -1,0 +1,18 @@
+#!/bin/bash
+# LongRoPE extension to a 2048k-token window: factor search, then progressive fine-tuning.
+# Usage: sbatch [sbatch options] slurm/longrope_2048k.sh [hydra overrides...]  (docs/cluster.md)
+#SBATCH --job-name=longrope_2048k
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --mem=0
+#SBATCH --time=04:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+
+# sbatch runs a spool copy of this file, so find launch.sh beside the script that was submitted.
+script=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+exec "$(dirname "$script")/launch.sh" longrope_2048k "$@"

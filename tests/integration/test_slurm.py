@@ -1,0 +1,98 @@
+"""slurm/launch.sh and the recipe scripts on a real two-node SLURM cluster (see slurm_cluster.py).
+
+Each job runs the recipe script unchanged (its #SBATCH header included) with sbatch -N2 on fake
+nodes n1 and n2, one CPU rank per node.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import free_port
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+# The module torchrun runs under the launcher; "megarope" once the CLI can run a tiny recipe.
+ENTRY_MODULE = "_slurm_probe"
+
+@pytest.fixture
+def runs(tmp_path):
+    return tmp_path / "runs"
+
+
+@pytest.fixture
+def launch(slurm_cluster, runs, tmp_path):
+    """Submit slurm/<recipe>.sh from the repo root, as users do, with CPU-sized knobs."""
+    env = {
+        "MEGAROPE_MODULE": ENTRY_MODULE,
+        "MEGAROPE_PYTHON": sys.executable,
+        "MEGAROPE_RUNS_DIR": str(runs),
+        "GPUS_PER_NODE": "1",
+        # Another test session on this machine may hold the default port.
+        "MEGAROPE_RDZV_PORT": str(free_port()),
+        "PYTHONPATH": str(HERE),
+    }
+
+    def submit(recipe: str, *overrides: str) -> str:
+        return slurm_cluster.submit(
+            REPO / "slurm" / f"{recipe}.sh", *overrides, cwd=REPO, env=env,
+            sbatch_args=["-N2", f"--output={tmp_path}/%x-%j.out"])
+
+    return submit
+
+
+def reports(run_dir: Path, restart: int) -> list[dict]:
+    return [json.loads((run_dir / f"rank{r}-restart{restart}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slurm
+def test_two_nodes_torchrun_rendezvous(slurm_cluster, launch, runs):
+    job = launch("longrope_2048k", "train.lr=3e-4", "model.name=tiny llama")
+    slurm_cluster.wait_for(job, "COMPLETED", timeout=120)
+
+    run_dir = runs / f"longrope_2048k-{job}"
+    ranks = reports(run_dir, restart=0)
+    assert {r["node"] for r in ranks} == {"n1", "n2"}
+    for rank, r in enumerate(ranks):
+        assert (r["rank"], r["world_size"], r["all_reduce"]) == (rank, 2, 2.0)
+        assert r["argv"] == ["recipe=longrope_2048k", f"run.dir={run_dir}",
+                             "train.lr=3e-4", "model.name=tiny llama"]
+        assert r["job_id"] == job
+
+
+@pytest.mark.slurm
+def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, launch, runs):
+    job = launch("entropy_abf_16k", "probe.wait_for_signal=true")
+    run_dir = runs / f"entropy_abf_16k-{job}"
+    deadline = time.monotonic() + 90
+    while len(list(run_dir.glob("started-rank*"))) < 2:
+        assert time.monotonic() < deadline, slurm_cluster.output(job)
+        time.sleep(0.2)
+
+    # What `#SBATCH --signal=B:USR1@300` does near the time limit, without waiting for it.
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
+    info = slurm_cluster.wait_for(job, "COMPLETED", timeout=150, restarts=1)
+    log = slurm_cluster.output(job)
+
+    first, second = reports(run_dir, restart=0), reports(run_dir, restart=1)
+    assert all(r["checkpoints_found"] == [] for r in first)
+    # Each rank got the signal and checkpointed during the first run.
+    assert [(run_dir / f"checkpoint-rank{r}").read_text() for r in (0, 1)] == ["0", "0"], log
+    for r in second:
+        assert r["job_id"] == job and r["restart_count"] == 1
+        assert r["checkpoints_found"] == ["checkpoint-rank0", "checkpoint-rank1"]
+        assert r["all_reduce"] == 2.0
+    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0"
+    # --open-mode=append keeps both runs in one log.
+    assert "SIGUSR1 received" in log and f"requeueing job {job}" in log
+    assert f"launch.sh: job {job} restart 1 " in log
+
+
+def test_launcher_refuses_to_run_outside_a_job():
+    env = {"PATH": "/usr/bin:/bin"}
+    out = subprocess.run(["bash", str(REPO / "slurm" / "launch.sh"), "tiny"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "must run inside a SLURM job" in out.stderr

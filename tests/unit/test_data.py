@@ -1,0 +1,329 @@
+import json
+import os
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from megarope.run.data import (
+    DataConfig,
+    DataIterator,
+    build_samples,
+    builtin_corpus,
+    collate,
+    eval_documents,
+    load_documents,
+)
+from megarope.run.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+
+BOS, EOS, PAD = ByteTokenizer.BOS, ByteTokenizer.EOS, ByteTokenizer.PAD
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("megarope-cache"))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def doc_ids(text):
+    return [BOS] + list(text.encode()) + [EOS]
+
+
+# ---------------------------------------------------------------------------------------- tokenizers
+
+
+def test_byte_tokenizer_round_trip():
+    tok = load_tokenizer("bytes")
+    text = "héllo → 世界 🙂\n\tend"
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8")) and max(ids) < 256
+    assert tok.decode(ids) == text
+    assert tok.decode([BOS] + ids + [EOS, PAD]) == text  # special ids carry no text
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (256, 257, 258, 259)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A tiny byte-level BPE saved as a transformers checkpoint folder, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = ["The capital of France is Paris.", "Hello there, how are you?", "def f(x): return x + 1"] * 20
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    template = (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}"
+        "{% else %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=specials[3:],
+    )
+    hf.chat_template = template
+    folder = tmp_path_factory.mktemp("tiny-tokenizer")
+    hf.save_pretrained(folder)
+    return str(folder)
+
+
+def test_hf_tokenizer_from_folder(hf_folder, tmp_path, cache):
+    tok = load_tokenizer(hf_folder)
+    assert isinstance(tok, HFTokenizer)
+    text = "The capital of France is Paris."
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.bos_id != tok.eos_id != tok.pad_id and tok.vocab_size >= 6
+    assert tok.bos_id not in tok.encode(text)  # encode adds no specials: the data layer does
+
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": text * 10}])
+    cfg = DataConfig(source=src, tokenizer=hf_folder, seq_len=16, num_samples=3, cache_dir=cache, eval_fraction=0)
+    samples = build_samples(cfg)
+    stream = [tok.bos_id] + tok.encode(text * 10) + [tok.eos_id]
+    assert torch.cat([samples[i]["tokens"] for i in range(3)]).tolist() == stream[:48]
+
+
+def test_sft_with_chat_template(hf_folder, tmp_path, cache):
+    tok = load_tokenizer(hf_folder)
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "The capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "How are you?"},
+        {"role": "assistant", "content": "Hello there, fine."},
+    ]
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": conv}])
+    cfg = DataConfig(source=src, kind="sft", tokenizer=hf_folder, seq_len=80, cache_dir=cache, eval_fraction=0)
+    x = build_samples(cfg)[0]
+    full = tok.hf.apply_chat_template(conv, tokenize=False)
+    ids = tok.hf.encode(full, add_special_tokens=False)
+    n = len(ids)
+    assert n < 80 and x["tokens"][:n].tolist() == ids and (x["tokens"][n:] == tok.pad_id).all()
+    trained = x["labels"][x["loss_mask"] == 1]
+    assert tok.hf.decode(trained) == "Paris.</s>Hello there, fine.</s>"
+    # The trained labels are two contiguous runs, each ending on EOS.
+    on = x["loss_mask"].nonzero().flatten().tolist()
+    runs = [on[0]] + [b for a, b in zip(on, on[1:]) if b != a + 1]
+    assert len(runs) == 2 and x["labels"][on[-1]] == tok.eos_id and x["loss_mask"][n - 1 :].sum() == 0
+
+
+# ------------------------------------------------------------------------------------------ corpus
+
+
+def test_builtin_corpus_has_long_docs_and_a_stable_split(cache):
+    path = builtin_corpus(cache)
+    assert builtin_corpus(cache) == path  # written once
+    with open(path) as f:
+        paths = [json.loads(line)["path"] for line in f]
+    assert paths == sorted(paths) and len(paths) > 500
+    assert not any(p.startswith("test/") or "/tests/" in p or "site-packages" in p for p in paths)
+
+    cfg = DataConfig(cache_dir=cache)
+    train, evals = load_documents(cfg, "train"), load_documents(cfg, "eval")
+    assert len(train) + len(evals) == len(paths)
+    assert not set(train["path"]) & set(evals["path"])
+    assert sorted(evals["path"]) == sorted(load_documents(cfg, "eval")["path"])
+    assert sum(len(t) >= 65536 for t in train["text"]) >= 10
+
+    docs = eval_documents(evals, load_tokenizer("bytes"), 8192, 3)
+    assert docs.shape == (3, 8192) and docs.dtype == torch.int64 and (docs[:, 0] == BOS).all()
+
+
+def test_text_folder_gives_one_document_per_file(tmp_path, cache):
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "one.txt").write_text("first line\n\nsecond paragraph\n")
+    (folder / "sub" / "two.txt").write_text("another file")
+    (folder / "notes.md").write_text("not a data file")
+    docs = load_documents(DataConfig(source=str(folder), cache_dir=cache), "all")
+    assert sorted(docs["text"]) == ["another file", "first line\n\nsecond paragraph\n"]
+
+
+# ----------------------------------------------------------------------------------------- LM samples
+
+
+def test_packed_builtin_is_a_contiguous_stream(cache):
+    cfg = DataConfig(cache_dir=cache, seq_len=256, num_samples=12)
+    samples = build_samples(cfg)
+    assert len(samples) == 12
+    first_doc = load_documents(cfg, "train")[0]["text"]
+    tokens = torch.cat([samples[i]["tokens"] for i in range(12)])
+    assert tokens[:3000].tolist() == doc_ids(first_doc)[:3000]
+    for i in range(12):
+        x = samples[i]
+        assert {k: v.dtype for k, v in x.items()} == {
+            "tokens": torch.int64,
+            "labels": torch.int64,
+            "loss_mask": torch.float32,
+            "position_ids": torch.int64,
+        }
+        assert torch.equal(x["labels"][:-1], x["tokens"][1:])
+        assert torch.equal(x["position_ids"], torch.arange(256)) and (x["loss_mask"] == 1).all()
+        if i + 1 < 12:
+            assert x["labels"][-1] == samples[i + 1]["tokens"][0]
+
+
+def test_packed_reset_positions_and_cu_seqlens(tmp_path, cache):
+    texts = ["a" * 8, "b" * 3, "c" * 12, "d" * 5, "e" * 10]  # 10, 5, 14, 7, 12 tokens with BOS/EOS
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])
+    cfg = DataConfig(source=src, seq_len=16, reset_position_ids=True, cache_dir=cache, eval_fraction=0)
+    samples = build_samples(cfg)
+    assert len(samples) == 2  # 48 tokens → (48 - 1) // 16 windows
+    x0, x1 = samples[0], samples[1]
+    # Window 0 holds stream [0, 16): a [0, 10), b [10, 15), c's first token.
+    assert x0["cu_seqlens"].tolist() == [0, 10, 15, 16] and x0["cu_seqlens"].dtype == torch.int32
+    assert x0["position_ids"].tolist() == list(range(10)) + list(range(5)) + [0]
+    # Labels that open the next document (b's BOS, c's BOS) are not trained.
+    assert (x0["loss_mask"] == 0).nonzero().flatten().tolist() == [9, 14]
+    assert x0["labels"][9] == BOS and x0["labels"][14] == BOS
+    # Window 1 holds [16, 32): the rest of c (a sequence of its own, from position 0), then d.
+    assert x1["cu_seqlens"].tolist() == [0, 13, 16]
+    assert x1["position_ids"].tolist() == list(range(13)) + list(range(3))
+    assert (x1["loss_mask"] == 0).nonzero().flatten().tolist() == [12]
+    batch = collate([x0, x1])
+    assert batch["tokens"].shape == (2, 16) and batch["position_ids"].shape == (2, 16)
+    assert batch["cu_seqlens"].tolist() == [0, 10, 15, 16, 29, 32]
+
+
+def test_truncated_cuts_skips_and_pads(tmp_path, cache):
+    texts = ["x" * 3, "y" * 14, "z" * 40, "w" * 10]  # 5, 16, 42, 12 tokens
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])
+    cfg = DataConfig(source=src, seq_len=16, mode="truncated", cache_dir=cache, eval_fraction=0)
+    samples = build_samples(cfg)
+    assert len(samples) == 2  # the 5- and 12-token documents are skipped
+    exact, longer = samples[0], samples[1]
+    assert exact["tokens"].tolist() == doc_ids("y" * 14)
+    assert exact["labels"].tolist() == doc_ids("y" * 14)[1:] + [PAD]
+    assert exact["loss_mask"].tolist() == [1.0] * 15 + [0.0]
+    assert longer["tokens"].tolist() == doc_ids("z" * 40)[:16]
+    assert longer["labels"].tolist() == doc_ids("z" * 40)[1:17] and (longer["loss_mask"] == 1).all()
+    assert torch.equal(longer["position_ids"], torch.arange(16))
+
+
+# ------------------------------------------------------------------------------------------------ SFT
+
+SHAREGPT = {
+    "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello!"},
+        {"from": "human", "value": "Bye"},
+        {"from": "gpt", "value": "Ciao"},
+    ]
+}
+SHORT = {"conversations": [{"from": "human", "value": "?"}, {"from": "gpt", "value": "!"}]}
+
+
+def as_messages(conv):
+    role = {"system": "system", "human": "user", "gpt": "assistant"}
+    return {"messages": [{"role": role[t["from"]], "content": t["value"]} for t in conv["conversations"]]}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_sft_loss_mask_exactly_on_assistant_tokens(fmt, tmp_path, cache):
+    if fmt == "jsonl":
+        src = write_jsonl(tmp_path / "chat.jsonl", [SHORT, SHAREGPT])
+    else:  # the OpenAI "messages" spelling, through the parquet builder
+        src = str(tmp_path / "chat.parquet")
+        pq.write_table(pa.Table.from_pylist([as_messages(SHORT), as_messages(SHAREGPT)]), src)
+    cfg = DataConfig(source=src, kind="sft", seq_len=96, min_tokens=23, cache_dir=cache, eval_fraction=0)
+    samples = build_samples(cfg)
+    assert len(samples) == 1  # SHORT (22 tokens) is under min_tokens
+
+    prompt1 = "System: Be brief.\nUser: Hi\nAssistant: "
+    prompt2 = "User: Bye\nAssistant: "
+    ids = [BOS] + list(prompt1.encode()) + list(b"Hello!") + [EOS] + list(prompt2.encode()) + list(b"Ciao") + [EOS]
+    start1 = 1 + len(prompt1)  # index of the first assistant token
+    start2 = start1 + len(b"Hello!") + 1 + len(prompt2)
+    assistant = set(range(start1, start1 + 7)) | set(range(start2, start2 + 5))  # incl. each EOS
+    x = samples[0]
+    n = len(ids)
+    assert x["tokens"].tolist() == ids + [PAD] * (96 - n)
+    assert x["labels"].tolist() == ids[1:] + [PAD] * (97 - n)
+    expected = [1.0 if j + 1 in assistant else 0.0 for j in range(96)]
+    assert x["loss_mask"].tolist() == expected
+    assert x["labels"][x["loss_mask"] == 1].tolist() == list(b"Hello!") + [EOS] + list(b"Ciao") + [EOS]
+
+
+def test_sft_cut_to_seq_len(tmp_path, cache):
+    src = write_jsonl(tmp_path / "chat.jsonl", [SHAREGPT])
+    cfg = DataConfig(source=src, kind="sft", seq_len=44, cache_dir=cache, eval_fraction=0)
+    x = build_samples(cfg)[0]
+    # BOS and 38 prompt tokens, then "Hello!" at 39..44 and its EOS at 45: labels 0..43 reach token 44.
+    assert x["tokens"].shape == (44,) and (x["tokens"] != PAD).all()
+    assert x["loss_mask"].nonzero().flatten().tolist() == [38, 39, 40, 41, 42, 43]
+    assert x["labels"][38:].tolist() == list(b"Hello!")
+
+
+# ------------------------------------------------------------------------------------------ iterator
+
+
+def test_iterator_resume_and_dp_slices():
+    samples = [{"tokens": torch.tensor([i]), "labels": torch.tensor([i])} for i in range(23)]
+    it = DataIterator(samples, batch_size=2, seed=7, dp_rank=1, dp_size=2)
+    assert it.steps_per_epoch == 5
+    head = [next(it) for _ in range(7)]  # crosses into epoch 1
+    state = it.state_dict()
+    tail = [next(it)["tokens"].flatten().tolist() for _ in range(6)]
+    resumed = DataIterator(samples, batch_size=2, seed=7, dp_rank=1, dp_size=2)
+    resumed.load_state_dict(state)
+    assert [next(resumed)["tokens"].flatten().tolist() for _ in range(6)] == tail
+    assert state["epoch"] == 1 and state["position"] == 2 and head[0]["tokens"].shape == (2, 1)
+
+    # Ranks take disjoint slices of one shuffled epoch; epochs are shuffled differently.
+    ranks = [DataIterator(samples, 2, seed=7, dp_rank=r, dp_size=2) for r in range(2)]
+    epoch0 = [[next(r)["tokens"].flatten().tolist() for _ in range(5)] for r in ranks]
+    seen = sum((b for rank in epoch0 for b in rank), [])
+    assert len(set(seen)) == 20
+    assert [next(ranks[0])["tokens"].flatten().tolist() for _ in range(5)] != epoch0[0]
+
+    with pytest.raises(ValueError, match="seed"):
+        DataIterator(samples, 2, seed=8, dp_rank=1, dp_size=2).load_state_dict(state)
+
+
+# -------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"source": "/no/such/corpus.jsonl"}, "data.source"),
+        ({"format": "csv"}, "data.format"),
+        ({"kind": "chat"}, "data.kind"),
+        ({"mode": "sliding"}, "data.mode"),
+        ({"seq_len": 0}, "data.seq_len"),
+        ({"seq_len": 10_000}, "data.seq_len"),  # more tokens than the file has
+        ({"mode": "truncated", "num_samples": 3}, "data.num_samples"),  # only 2 documents long enough
+        ({"num_samples": 1000}, "data.num_samples"),
+        ({"text_key": "content"}, "data.text_key"),
+        ({"tokenizer": "/no/such/tokenizer"}, "data.tokenizer"),
+        ({"kind": "sft"}, "data.kind"),  # no conversations column
+    ],
+)
+def test_errors_name_the_field(change, field, tmp_path, cache):
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "q" * 200}, {"text": "r" * 300}, {"text": "s"}])
+    cfg = DataConfig(**{"source": src, "seq_len": 64, "cache_dir": cache, "eval_fraction": 0, **change})
+    with pytest.raises((ValueError, FileNotFoundError), match=field.replace(".", r"\.")):
+        build_samples(cfg)
+
+
+def test_auto_format_needs_a_known_suffix(tmp_path, cache):
+    path = tmp_path / "corpus.dat"
+    path.write_text('{"text": "abc"}\n')
+    with pytest.raises(ValueError, match=r"data\.format"):
+        build_samples(DataConfig(source=str(path), cache_dir=cache, eval_fraction=0))
+    samples = build_samples(DataConfig(source=str(path), format="json", seq_len=2, cache_dir=cache, eval_fraction=0))
+    assert samples[0]["tokens"].tolist() == [BOS, ord("a")]
