@@ -1,0 +1,633 @@
+"""LongRoPE's evolutionary search of per-frequency rescale factors (arXiv 2402.13753, Algorithm 1,
+Table 4), independent of any model: the caller supplies the fitness (perplexity, lower is better).
+
+A :class:`Candidate` is λ (one factor per frequency, ``rotary_dim / 2`` floats on a grid of step
+``lambda_step`` in [1, ``lambda_max_ratio``·s]) plus n̂ (the first positions left
+un-interpolated). Generation 0 is the seeds (PI, NTK, YaRN: ratios of the registry's inverse
+frequencies, snapped to the grid) and mutants of them. Each later generation keeps the ``topk``
+best of the previous one and adds ``mutations`` mutants and ``crossovers`` children of them; a
+candidate already scored is never proposed again. One ``random.Random``, seeded with
+``SearchConfig.seed`` and saved in the state file, drives every choice: a search and its resumed
+twin draw the same numbers and, given a deterministic fitness, end identically.
+
+Where the paper and its reference code (microsoft/LongRoPE) differ, the paper's choice is the
+default and the code's is a setting: λ in [1, 1.25·s] (code: [1, 1+s], i.e.
+``lambda_max_ratio=(1+s)/s``); seeds PI, NTK and YaRN (code: YaRN only, ``seeds=("yarn",)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Container, Iterator, Sequence
+
+from megarope.rope.config import RopeConfig, RopeConfigError
+from megarope.search.distributed import is_main_rank
+
+__all__ = [
+    "Candidate",
+    "LongRopeSearch",
+    "SearchConfig",
+    "SearchConfigError",
+    "SearchResult",
+    "atomic_output",
+    "crossover",
+    "is_valid",
+    "mutate",
+    "read_factor_file",
+    "seed_candidates",
+    "seed_factors",
+    "to_rope_config",
+    "write_factor_file",
+]
+
+logger = logging.getLogger(__name__)
+
+PAPER_N_HAT = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
+SEED_METHODS = ("pi", "ntk", "yarn")
+STATE_VERSION = 1
+# Search settings that may differ between a run and its resume without changing the result.
+RESUMABLE_CHANGES = ("iterations", "fitness_chunk")
+# Top-level key of a factor file holding what the search adds to RopeConfig.to_hf() (its score...).
+SEARCH_KEY = "megarope_search"
+
+
+class SearchConfigError(ValueError):
+    """Invalid search setting; the message starts with ``search.<field>``."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"search.{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every knob of the search; defaults are the paper's (Table 4 and §3.2).
+
+    ``scale`` is s (target length / ``original_max_position_embeddings``); ``rotary_dim`` and
+    ``rope_theta`` describe the model's RoPE (see :meth:`for_rope`). The first generation has
+    ``population`` members, later ones ``topk + mutations + crossovers`` (64 = 32 + 16 + 16 in the
+    paper). ``max_tries``: draws per mutant or crossover child before giving up (the reference
+    code's ``max_crossover_try``). ``fitness_chunk``: candidates per fitness call, the state being
+    saved after each call (0: one call per generation); it changes when progress is saved, never
+    the result.
+    """
+
+    scale: float
+    original_max_position_embeddings: int
+    rotary_dim: int = 128
+    rope_theta: float = 10_000.0
+    population: int = 64
+    iterations: int = 40
+    mutations: int = 16
+    crossovers: int = 16
+    topk: int = 32
+    mutation_prob: float = 0.3
+    lambda_max_ratio: float = 1.25
+    lambda_step: float = 0.01
+    monotone: bool = True
+    n_hat_candidates: tuple[int, ...] = PAPER_N_HAT
+    seeds: tuple[str, ...] = SEED_METHODS
+    seed: int = 0
+    max_tries: int = 20
+    fitness_chunk: int = 0
+
+    def __post_init__(self):
+        # YAML and JSON give lists
+        object.__setattr__(self, "n_hat_candidates", tuple(self.n_hat_candidates))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not self.scale >= 1:
+            raise SearchConfigError("scale", f"must be >= 1, got {self.scale}")
+        _check_int(self.original_max_position_embeddings, "original_max_position_embeddings", 1)
+        _check_int(self.rotary_dim, "rotary_dim", 4)  # NTK's exponent d/(d-2) needs d > 2
+        if self.rotary_dim % 2:
+            raise SearchConfigError("rotary_dim", f"must be even, got {self.rotary_dim}")
+        if not self.rope_theta > 1:
+            raise SearchConfigError("rope_theta", f"must be > 1, got {self.rope_theta}")
+        for name in ("iterations", "mutations", "crossovers", "seed", "fitness_chunk"):
+            _check_int(getattr(self, name), name, 0)
+        for name in ("population", "topk", "max_tries"):
+            _check_int(getattr(self, name), name, 1)
+        if self.population < self.topk:
+            raise SearchConfigError(
+                "population",
+                f"search.population ({self.population}) < search.topk ({self.topk}): need at least topk parents",
+            )
+        if self.crossovers and self.topk < 2:
+            raise SearchConfigError("topk", f"crossovers need two parents, got search.topk = {self.topk}")
+        if not 0 < self.mutation_prob <= 1:
+            raise SearchConfigError("mutation_prob", f"must be in (0, 1], got {self.mutation_prob}")
+        if not self.lambda_step > 0:
+            raise SearchConfigError("lambda_step", f"must be > 0, got {self.lambda_step}")
+        if not self.lambda_max_ratio * self.scale >= 1:
+            raise SearchConfigError(
+                "lambda_max_ratio", f"lambda_max_ratio * scale = {self.lambda_max_ratio * self.scale} must be >= 1"
+            )
+        if not self.n_hat_candidates:
+            raise SearchConfigError("n_hat_candidates", "needs at least one value")
+        for value in self.n_hat_candidates:
+            _check_int(value, "n_hat_candidates", 0)
+        if len(set(self.n_hat_candidates)) != len(self.n_hat_candidates):
+            raise SearchConfigError("n_hat_candidates", f"values must be distinct, got {self.n_hat_candidates}")
+        if not self.seeds:
+            raise SearchConfigError("seeds", f"needs at least one of {SEED_METHODS}")
+        unknown = [s for s in self.seeds if s not in SEED_METHODS]
+        if unknown or len(set(self.seeds)) != len(self.seeds):
+            raise SearchConfigError("seeds", f"must be distinct names among {SEED_METHODS}, got {self.seeds}")
+        if self.population < len(self.seeds):
+            raise SearchConfigError(
+                "population", f"search.population ({self.population}) < number of seeds ({len(self.seeds)})"
+            )
+
+    @classmethod
+    def for_rope(cls, base_rc: RopeConfig, scale: float, **overrides: Any) -> SearchConfig:
+        """Settings for extending the model whose RoPE is ``base_rc`` by ``scale``."""
+        return cls(
+            scale=scale,
+            original_max_position_embeddings=_original_window(base_rc),
+            rotary_dim=base_rc.rotary_dim,
+            rope_theta=base_rc.rope_theta,
+            **overrides,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SearchConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SearchConfigError(unknown[0], f"unknown setting; known: {sorted(known)}")
+        return cls(**values)
+
+    # λ lives on the grid 1 + k·lambda_step, k = 0..grid_top; operators work on the integers k so
+    # that equality (dedupe) and monotonicity are exact.
+    @property
+    def grid_top(self) -> int:
+        return math.floor((self.lambda_max_ratio * self.scale - 1) / self.lambda_step + 1e-9)
+
+    @property
+    def lambda_max(self) -> float:
+        return self.grid_value(self.grid_top)
+
+    def grid_value(self, k: int) -> float:
+        # rounded so that the same k always gives the same, shortest-printing float
+        return round(1.0 + k * self.lambda_step, 10)
+
+    def grid_index(self, value: float) -> int:
+        return round((value - 1.0) / self.lambda_step)
+
+
+def _original_window(base_rc: RopeConfig) -> int:
+    """The window the model was trained with: its original one if already extended, else its own."""
+    window = base_rc.original_max_position_embeddings or base_rc.max_position_embeddings
+    if window is None:
+        raise RopeConfigError(
+            "max_position_embeddings",
+            "the base RopeConfig sets neither original_max_position_embeddings nor max_position_embeddings",
+        )
+    return window
+
+
+def _check_int(value: Any, field: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SearchConfigError(field, f"must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """λ_i for each frequency i (``rotary_dim / 2`` grid values) and n̂. Hashable: the score cache key."""
+
+    factors: tuple[float, ...]
+    n_hat: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "factors", tuple(float(v) for v in self.factors))
+        object.__setattr__(self, "n_hat", int(self.n_hat))
+
+    def to_json(self) -> list:
+        return [list(self.factors), self.n_hat]
+
+    @classmethod
+    def from_json(cls, value: Sequence) -> Candidate:
+        return cls(tuple(value[0]), value[1])
+
+
+# --------------------------------------------------------------------------------- operators
+def seed_factors(method: str, config: SearchConfig) -> tuple[float, ...]:
+    """λ_i of a classic method (``pi``, ``ntk`` or ``yarn``), off the grid: the ratio of the
+    unscaled to the method's inverse frequencies, both from the RoPE registry."""
+    base = RopeConfig(head_dim=config.rotary_dim, rope_theta=config.rope_theta)
+    method_rc = {
+        "pi": lambda: base.replace(rope_type="linear", factor=config.scale),
+        "ntk": lambda: base.replace(rope_type="ntk", factor=config.scale),
+        "yarn": lambda: base.replace(
+            rope_type="yarn",
+            factor=config.scale,
+            original_max_position_embeddings=config.original_max_position_embeddings,
+        ),
+    }
+    if method not in method_rc:
+        raise SearchConfigError("seeds", f"unknown seed method {method!r}; known: {SEED_METHODS}")
+    return tuple((base.inv_freq() / method_rc[method]().inv_freq()).tolist())
+
+
+def _snap(factors: Sequence[float], config: SearchConfig) -> list[int]:
+    """Nearest grid indices, clamped to the range, then made monotone by a running maximum."""
+    indices = [min(max(config.grid_index(v), 0), config.grid_top) for v in factors]
+    if config.monotone:
+        for i in range(1, len(indices)):
+            indices[i] = max(indices[i], indices[i - 1])
+    return indices
+
+
+def _from_indices(indices: Sequence[int], n_hat: int, config: SearchConfig) -> Candidate:
+    return Candidate(tuple(config.grid_value(k) for k in indices), n_hat)
+
+
+def seed_candidates(config: SearchConfig) -> list[Candidate]:
+    """The configured seeds on the grid, with the smallest allowed n̂ (0 in the paper's set);
+    seeds that coincide after snapping appear once."""
+    seeds: list[Candidate] = []
+    for method in config.seeds:
+        candidate = _from_indices(_snap(seed_factors(method, config), config), min(config.n_hat_candidates), config)
+        if candidate not in seeds:
+            seeds.append(candidate)
+    return seeds
+
+
+def is_valid(candidate: Candidate, config: SearchConfig) -> bool:
+    """Right length, every λ on the grid and in range, monotone (if required), n̂ allowed."""
+    factors = candidate.factors
+    if len(factors) != config.rotary_dim // 2 or candidate.n_hat not in config.n_hat_candidates:
+        return False
+    indices = [config.grid_index(v) for v in factors]
+    if any(not 0 <= k <= config.grid_top or config.grid_value(k) != v for k, v in zip(indices, factors)):
+        return False
+    return not config.monotone or all(a <= b for a, b in zip(indices, indices[1:]))
+
+
+def mutate(
+    parent: Candidate, config: SearchConfig, rng: random.Random, seen: Container[Candidate] = ()
+) -> Candidate | None:
+    """A mutant of ``parent``, or None after ``max_tries`` draws that all gave ``parent`` or a
+    member of ``seen``.
+
+    Each draw visits the dimensions in order and, with probability ``mutation_prob``, redraws λ_i
+    uniformly on the grid between its neighbours (the just-redrawn λ_{i-1} and λ_{i+1}; 1 and
+    λ_max at the ends; the whole range without the monotone constraint), as the reference code
+    does: the child is monotone and in range by construction, so only repeats are rejected.
+    With the same probability n̂ becomes another allowed value, uniformly.
+    """
+    base = [config.grid_index(v) for v in parent.factors]
+    top, p = config.grid_top, config.mutation_prob
+    other_n_hats = [v for v in config.n_hat_candidates if v != parent.n_hat]
+    for _ in range(config.max_tries):
+        indices = list(base)
+        for i in range(len(indices)):
+            if rng.random() < p:
+                low, high = 0, top
+                if config.monotone:
+                    low = indices[i - 1] if i > 0 else 0
+                    high = indices[i + 1] if i + 1 < len(indices) else top
+                indices[i] = rng.randint(low, high)
+        n_hat = parent.n_hat
+        if other_n_hats and rng.random() < p:
+            n_hat = rng.choice(other_n_hats)
+        child = _from_indices(indices, n_hat, config)
+        if child != parent and child not in seen:
+            return child
+    return None
+
+
+def crossover(
+    a: Candidate, b: Candidate, config: SearchConfig, rng: random.Random, seen: Container[Candidate] = ()
+) -> Candidate | None:
+    """A child taking each λ_i, and n̂, from ``a`` or ``b`` with probability 1/2, or None after
+    ``max_tries`` draws that were all non-monotone, a parent, or in ``seen``. Both parents being
+    on the grid and in range, only monotonicity needs re-checking."""
+    for _ in range(config.max_tries):
+        factors = tuple(x if rng.random() < 0.5 else y for x, y in zip(a.factors, b.factors))
+        n_hat = a.n_hat if rng.random() < 0.5 else b.n_hat
+        child = Candidate(factors, n_hat)
+        if config.monotone and any(x > y for x, y in zip(factors, factors[1:])):
+            continue
+        if child != a and child != b and child not in seen:
+            return child
+    return None
+
+
+# --------------------------------------------------------------------------------- the search
+Fitness = Callable[[list[Candidate]], Sequence[float]]
+
+
+@dataclass
+class SearchResult:
+    """Where the search stands: ``population`` is the last finished generation, best first."""
+
+    best: Candidate
+    best_ppl: float
+    generation: int
+    history: list[dict[str, Any]]
+    population: list[tuple[Candidate, float]]
+    evaluations: int
+
+
+class LongRopeSearch:
+    """Algorithm 1 of the paper around a caller-supplied ``fitness(candidates) -> perplexities``.
+
+    ``fitness`` must be deterministic for resumption to reproduce a run exactly; a NaN perplexity
+    counts as +inf (a diverged candidate ranks last). With ``state_path``, the state is written
+    atomically (main rank only) once a generation's children are drawn, after each
+    ``fitness_chunk`` of scores and once the generation is ranked; a new instance with the same
+    path resumes from it, re-scoring nothing already scored. ``on_generation(result)`` runs on
+    every rank after each generation (generation 0 is the scored initial population).
+
+    Under torch.distributed every rank runs its own instance with the same config and a fitness
+    built on :func:`~megarope.search.distributed.score_distributed`; ``is_main`` (default: global
+    rank 0) selects the rank that logs and writes.
+    """
+
+    def __init__(
+        self,
+        config: SearchConfig,
+        fitness: Fitness,
+        state_path: str | os.PathLike | None = None,
+        on_generation: Callable[[SearchResult], None] | None = None,
+        *,
+        is_main: bool | None = None,
+    ):
+        self.config = config
+        self.fitness = fitness
+        self.state_path = os.fspath(state_path) if state_path is not None else None
+        self.on_generation = on_generation
+        self.is_main = is_main_rank() if is_main is None else is_main
+        self._rng = random.Random(config.seed)
+        self._scores: dict[Candidate, float] = {}
+        self._population: list[Candidate] = []  # last finished generation, best first
+        self._pending: list[Candidate] | None = None  # drawn, not yet ranked, members of the next one
+        self._generation = -1  # last finished generation
+        self._history: list[dict[str, Any]] = []
+        self._elapsed = 0.0  # seconds spent in earlier sessions
+        if self.state_path and os.path.exists(self.state_path):
+            self._load()
+
+    # ----------------------------------------------------------------------------- main loop
+    def run(self) -> SearchResult:
+        self._session_start = time.monotonic()
+        self._session_generations = 0
+        while self._generation < self.config.iterations:
+            if self._pending is None:
+                self._pending = self._initial_population() if self._generation < 0 else self._children()
+                self._save()
+            self._score_pending()
+            self._finish_generation()
+        return self.result()
+
+    def result(self) -> SearchResult:
+        if not self._population:
+            raise RuntimeError("the search has not scored its initial population yet: call run()")
+        best = self._population[0]
+        return SearchResult(
+            best=best,
+            best_ppl=self._scores[best],
+            generation=self._generation,
+            history=[dict(h) for h in self._history],
+            population=[(c, self._scores[c]) for c in self._population],
+            evaluations=len(self._scores),
+        )
+
+    def _initial_population(self) -> list[Candidate]:
+        """Seeds, then mutants of the seeds in turn up to ``population`` members."""
+        seeds = seed_candidates(self.config)
+        batch, seen = list(seeds), set(seeds) | set(self._scores)
+        for j in range(self.config.population - len(seeds)):
+            child = mutate(seeds[j % len(seeds)], self.config, self._rng, seen)
+            if child is None:
+                self._warn_no_child()
+                continue
+            batch.append(child)
+            seen.add(child)
+        return batch
+
+    def _children(self) -> list[Candidate]:
+        """``mutations`` mutants of random parents, then ``crossovers`` children of random parent
+        pairs; a failed crossover mutates its first parent instead (as the reference code)."""
+        cfg, rng = self.config, self._rng
+        parents = self._population[: cfg.topk]
+        batch: list[Candidate] = []
+        seen = set(self._scores)
+        for j in range(cfg.mutations + cfg.crossovers):
+            if j < cfg.mutations or len(parents) < 2:
+                child = mutate(parents[rng.randrange(len(parents))], cfg, rng, seen)
+            else:
+                first, second = sorted(rng.sample(range(len(parents)), 2))
+                child = crossover(parents[first], parents[second], cfg, rng, seen)
+                if child is None:
+                    child = mutate(parents[first], cfg, rng, seen)
+            if child is None:
+                self._warn_no_child()
+                continue
+            batch.append(child)
+            seen.add(child)
+        return batch
+
+    def _warn_no_child(self) -> None:
+        if self.is_main:
+            logger.warning(
+                "search: no new candidate in %d tries (search space nearly exhausted?); the generation will be smaller",
+                self.config.max_tries,
+            )
+
+    def _score_pending(self) -> None:
+        todo = [c for c in self._pending if c not in self._scores]
+        size = self.config.fitness_chunk or max(len(todo), 1)
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            scores = list(self.fitness(chunk))
+            if len(scores) != len(chunk):
+                raise ValueError(f"fitness returned {len(scores)} scores for {len(chunk)} candidates")
+            for candidate, score in zip(chunk, scores):
+                score = float(score)
+                self._scores[candidate] = math.inf if math.isnan(score) else score
+            if self.config.fitness_chunk:
+                self._save()
+
+    def _finish_generation(self) -> None:
+        survivors = self._population[: self.config.topk] if self._generation >= 0 else []
+        # stable sort: ties keep their order, so the ranking is deterministic
+        self._population = sorted(survivors + self._pending, key=self._scores.__getitem__)
+        self._pending = None
+        self._generation += 1
+        scores = [self._scores[c] for c in self._population]
+        finite = [s for s in scores if math.isfinite(s)]
+        self._history.append(
+            {
+                "generation": self._generation,
+                "best_ppl": scores[0],
+                "mean_ppl": sum(finite) / len(finite) if finite else math.inf,
+                "evaluations": len(self._scores),
+            }
+        )
+        self._session_generations += 1
+        self._save()
+        self._log_progress()
+        if self.on_generation is not None:
+            self.on_generation(self.result())
+
+    def _log_progress(self) -> None:
+        if not self.is_main:
+            return
+        session = time.monotonic() - self._session_start
+        remaining = self.config.iterations - self._generation
+        eta = session / self._session_generations * remaining
+        entry = self._history[-1]
+        logger.info(
+            "search generation %d/%d: best ppl %.4f, mean ppl %.4f, %d evaluated, elapsed %s, ETA %s",
+            self._generation,
+            self.config.iterations,
+            entry["best_ppl"],
+            entry["mean_ppl"],
+            entry["evaluations"],
+            _hms(self._elapsed + session),
+            _hms(eta),
+        )
+
+    # ----------------------------------------------------------------------------- state file
+    def _state(self) -> dict[str, Any]:
+        version, internal, gauss = self._rng.getstate()
+        elapsed = self._elapsed + time.monotonic() - self._session_start
+        return {
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "generation": self._generation,
+            "population": [c.to_json() for c in self._population],
+            "pending": None if self._pending is None else [c.to_json() for c in self._pending],
+            "scores": [[*c.to_json(), s] for c, s in self._scores.items()],
+            "rng": [version, list(internal), gauss],
+            "history": self._history,
+            "elapsed_s": elapsed,
+        }
+
+    def _save(self) -> None:
+        if self.state_path and self.is_main:
+            atomic_write_text(self.state_path, json.dumps(self._state()))
+
+    def _load(self) -> None:
+        with open(self.state_path, encoding="utf-8") as f:
+            state = json.load(f)
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"{self.state_path}: state version {state.get('version')}, expected {STATE_VERSION}")
+        stored = SearchConfig.from_dict(state["config"])
+        for f in dataclasses.fields(SearchConfig):
+            if f.name not in RESUMABLE_CHANGES and getattr(stored, f.name) != getattr(self.config, f.name):
+                raise SearchConfigError(
+                    f.name,
+                    f"{getattr(self.config, f.name)!r} differs from {getattr(stored, f.name)!r} in the state file "
+                    f"{self.state_path}; resume with the same settings (only {RESUMABLE_CHANGES} may change) "
+                    "or use a new state path",
+                )
+        self._generation = state["generation"]
+        self._population = [Candidate.from_json(c) for c in state["population"]]
+        pending = state["pending"]
+        self._pending = None if pending is None else [Candidate.from_json(c) for c in pending]
+        self._scores = {Candidate(factors, n_hat): score for factors, n_hat, score in state["scores"]}
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._history = state["history"]
+        self._elapsed = state["elapsed_s"]
+        if self.is_main:
+            logger.info(
+                "search: resuming from %s at generation %d/%d (%d candidates scored)",
+                self.state_path,
+                self._generation,
+                self.config.iterations,
+                len(self._scores),
+            )
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# --------------------------------------------------------------------------------- outputs
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path``, renamed onto it (``os.replace``, atomic on POSIX)
+    when the block succeeds: a reader or a requeued job sees the old file or the new one, never a
+    partial one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    # unique per process and call (ranks or threads may write the same file), created by the
+    # writer itself so that it gets the usual umask permissions, unlike mkstemp's 0600
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the data after a node crash
+
+
+def to_rope_config(
+    candidate: Candidate, base_rc: RopeConfig, scale: float, short_factor: Sequence[float] | None = None
+) -> RopeConfig:
+    """The ``longrope`` RopeConfig extending ``base_rc`` (the model's RoPE) by ``scale`` with the
+    searched λ as ``long_factor`` and n̂. ``short_factor`` defaults to λ too, until the separate
+    short-window search replaces it. ``factor`` = s, so the attention factor is sqrt(1 + ln s / ln L)."""
+    window = _original_window(base_rc)
+    return RopeConfig(
+        rope_type="longrope",
+        head_dim=base_rc.head_dim,
+        rope_theta=base_rc.rope_theta,
+        partial_rotary_factor=base_rc.partial_rotary_factor,
+        max_position_embeddings=round(scale * window),
+        original_max_position_embeddings=window,
+        factor=float(scale),
+        long_factor=candidate.factors,
+        short_factor=candidate.factors if short_factor is None else tuple(short_factor),
+        n_hat=candidate.n_hat,
+    )
+
+
+def write_factor_file(path: str | os.PathLike, rc: RopeConfig, extra: dict[str, Any] | None = None) -> None:
+    """Write ``rc.to_hf()`` as JSON, atomically: the Hugging Face keys (``rope_parameters`` and
+    ``rope_scaling`` with ``rope_type: longrope``, ``long_factor``, ``short_factor``, ``factor``,
+    ``original_max_position_embeddings``), which vanilla transformers reads, plus, when n̂ > 0,
+    the full RopeConfig with ``n_hat`` under the top-level ``megarope`` key (transformers has no
+    n̂). ``extra`` (e.g. the search's perplexity and generation) goes under ``megarope_search``.
+    :func:`read_factor_file` (``RopeConfig.from_hf``) reads it back."""
+    if rc.rope_type != "longrope":
+        raise RopeConfigError("rope_type", f"a factor file holds a 'longrope' RopeConfig, got {rc.rope_type!r}")
+    data = rc.to_hf()
+    if extra:
+        data[SEARCH_KEY] = extra
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_factor_file(path: str | os.PathLike) -> RopeConfig:
+    with open(path, encoding="utf-8") as f:
+        return RopeConfig.from_hf(json.load(f))
