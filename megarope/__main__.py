@@ -1,0 +1,75 @@
+"""``python -m megarope recipe=NAME key=value ...``: the Hydra entry point (also under torchrun/srun)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "hydra_configs")
+log = logging.getLogger("megarope")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def _setup_logging(level: str) -> None:
+    # rank 0 talks, the others only warn
+    logging.basicConfig(
+        level=getattr(logging, level.upper()) if _rank() == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{_rank()}] %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    for noisy in ("megatron", "datasets", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def run(cfg) -> dict:
+    """Validate and run the pipeline (bad input fails before anything is written)."""
+    from megarope.run.config import validate
+    from megarope.run.pipeline import Pipeline, default_stages
+
+    if not cfg.stages:
+        cfg.stages = default_stages(cfg)
+    validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    return Pipeline(cfg).run()
+
+
+def main() -> None:
+    import warnings
+
+    # megatron warns at import that Transformer Engine / apex are missing: expected on CPU (torch-native paths)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    import hydra
+    from omegaconf import OmegaConf
+
+    from megarope.rope.config import RopeConfigError
+    from megarope.run.checkpoint import Interrupted
+    from megarope.run.config import ConfigError, register_configs
+
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+    def _main(dcfg) -> None:
+        cfg = OmegaConf.to_object(dcfg)
+        _setup_logging(cfg.run.log_level)
+        try:
+            summary = run(cfg)
+        except Interrupted as stop:
+            log.warning("%s; resume by running the same command (same run.dir)", stop)
+            sys.exit(stop.exit_code)
+        except (ConfigError, RopeConfigError, ValueError, FileNotFoundError, KeyError) as err:
+            log.error("error: %s", err)
+            sys.exit(2)
+        finally:
+            from megarope.mcore import parallel
+
+            parallel.destroy()
+        log.info("done: %s", json.dumps({k: v.get("kind") for k, v in summary["stages"].items()}))
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Passkey retrieval in the landmark-attention prompt format (Mohtashami & Jaggi 2023, arXiv
+2305.16300), as LongRoPE and YaRN evaluate it::
+
+    <BOS>{TASK}\\n{filler ...}\\n{KEY_LINE}\\n{filler ...}\\n{QUESTION} {passkey}
+
+The filler is ``FILLER`` repeated; the key line sits at a relative ``depth`` of the filler (0: right
+after the task, 1: right before the question). A sample is exactly ``length`` tokens: the pieces are
+encoded separately and the filler is cut or extended at token level, so the length is exact for
+any tokenizer. BOS comes first where the tokenizer has one (as in ``megarope.run.data``).
+
+Scoring is teacher forced, one forward pass per sample: the model reads the whole sample, answer
+included, and the sample counts as retrieved when the argmax at every position before an answer
+token is that token (:func:`passkey_correct`). Whitespace-only tokens in front of the digits (the
+space of the byte tokenizer, SentencePiece's lone "▁") are not scored: they carry no retrieval.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from megarope.run.tokenizer import Tokenizer
+
+TASK = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_samples(
+    tokenizer: Tokenizer,
+    length: int,
+    depths: Sequence[float],
+    num_per_depth: int,
+    seed: int,
+    digits: int = 5,
+) -> list[dict]:
+    """``num_per_depth`` samples per depth (depths in [0, 1]), depth by depth in the given order.
+
+    Each sample: ``tokens`` int64 [length]; ``answer_positions`` int64, the indices of the scored
+    answer tokens; ``key_position``, the index of the key line's first token; ``depth``; ``passkey``
+    (a string of ``digits`` digits, no leading zero). The passkeys depend on ``seed`` and the sample's
+    rank only, so every length of one evaluation asks for the same keys.
+    """
+    if digits < 1:
+        raise ValueError(f"passkey digits={digits}: expected a positive integer")
+    if num_per_depth < 1:
+        raise ValueError(f"passkey num_per_depth={num_per_depth}: expected a positive integer")
+    bad = [d for d in depths if not 0.0 <= d <= 1.0]
+    if bad or not depths:
+        raise ValueError(f"passkey depths={list(depths)}: expected a non-empty list of values in [0, 1]")
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    head = bos + tokenizer.encode(TASK + "\n")
+    question = tokenizer.encode("\n" + QUESTION)
+    # The unit carries its separating space, so tiling it reads like " ".join(FILLER * n).
+    unit = tokenizer.encode(FILLER + " ")
+    rng = np.random.default_rng(seed)
+    samples = []
+    for depth in depths:
+        for _ in range(num_per_depth):
+            key = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
+            key_line = tokenizer.encode("\n" + KEY_LINE.format(key=key) + "\n")
+            answer = tokenizer.encode(" " + key)
+            fixed = len(head) + len(key_line) + len(question) + len(answer)
+            n_filler = length - fixed
+            if n_filler < 0:
+                raise ValueError(
+                    f"passkey length={length} is shorter than the prompt without filler ({fixed} tokens)"
+                )
+            n_before = int(round(depth * n_filler))
+            before, after = _filler(unit, n_before), _filler(unit, n_filler - n_before)
+            tokens = head + before + key_line + after + question + answer
+            start = len(tokens) - len(answer)
+            skip = 0
+            while skip < len(answer) - 1 and not tokenizer.decode(answer[: skip + 1]).strip():
+                skip += 1
+            samples.append(
+                {
+                    "tokens": torch.tensor(tokens, dtype=torch.int64),
+                    "answer_positions": torch.arange(start + skip, len(tokens), dtype=torch.int64),
+                    "key_position": len(head) + len(before),
+                    "depth": float(depth),
+                    "passkey": key,
+                }
+            )
+    return samples
+
+
+def _filler(unit: list[int], n: int) -> list[int]:
+    return (unit * (n // len(unit) + 1))[:n]
+
+
+def passkey_correct(sample: dict, argmax_predictions) -> bool:
+    """Whether every scored answer token was predicted. ``argmax_predictions[t]`` is the model's
+    argmax at position t, i.e. its guess for token t+1 (``logits[t].argmax(-1)``); [length] or
+    [length-1] entries."""
+    predictions = torch.as_tensor(argmax_predictions).reshape(-1).cpu()
+    positions = sample["answer_positions"]
+    if len(predictions) < int(positions.max()):
+        raise ValueError(
+            f"passkey_correct: {len(predictions)} predictions do not reach answer position {int(positions.max())}"
+        )
+    return bool(torch.equal(predictions[positions - 1].long(), sample["tokens"][positions]))
+
+
+def accuracy_by_depth(samples: Sequence[dict], correct: Sequence[bool]) -> dict[float, float]:
+    """Share of retrieved samples per depth, depths in first-seen order."""
+    if len(samples) != len(correct):
+        raise ValueError(f"accuracy_by_depth: {len(samples)} samples but {len(correct)} results")
+    hits: dict[float, list[bool]] = defaultdict(list)
+    for sample, ok in zip(samples, correct):
+        hits[sample["depth"]].append(bool(ok))
+    return {depth: sum(v) / len(v) for depth, v in hits.items()}

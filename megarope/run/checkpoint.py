@@ -1,0 +1,186 @@
+"""Training checkpoints with megatron-core ``dist_checkpointing`` and a clean stop on signals.
+
+Layout of a stage's checkpoint folder::
+
+    checkpoints/step_00000040/    model + optimizer (sharded), common state, rng_rank<r>.pt
+    checkpoints/latest            "step_00000040", written only after every rank finished
+
+A checkpoint is written under ``step_N.tmp`` and renamed by rank 0 after a barrier, so a kill at
+any moment leaves either the previous complete checkpoint or the new one, never half of one.
+The model's RoPE configuration (searched LongRoPE factors included) is part of the model state
+(megarope modules keep it as ``_extra_state``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    from megatron.core import tensor_parallel
+
+    state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def latest(root: Path) -> Path | None:
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    path = root / marker.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def _sharded(engine, loading: bool) -> dict:
+    model_sd = engine.model.sharded_state_dict()
+    state = {"model": model_sd}
+    if engine.optimizer is not None:
+        state["optimizer"] = engine.optimizer.sharded_state_dict(model_sd, is_loading=loading)
+    return state
+
+
+def save(engine, root: Path, step: int, common: dict, keep: int = 1) -> Path:
+    """Write a checkpoint of ``engine`` at ``step`` with ``common`` (JSON-able run state)."""
+    root = Path(root)
+    name = f"step_{step:08d}"
+    final, tmp = root / name, root / f"{name}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    state = _sharded(engine, loading=False)
+    state["common"] = {**common, "step": step, "scheduler": engine.scheduler.state_dict() if engine.scheduler else None}
+    dist_checkpointing.save(state, str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(root / LATEST, name)
+        finished = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in finished[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s written", final)
+    _barrier()
+    return final
+
+
+def load(engine, path: Path, model_only: bool = False) -> dict:
+    """Restore ``engine`` from checkpoint folder ``path``; returns its common state."""
+    template = _sharded(engine, loading=True)
+    if model_only:
+        template = {"model": template["model"]}
+    state = dist_checkpointing.load(template, str(path))
+    engine.model.load_state_dict(state["model"])
+    if model_only:
+        engine.rope = _rope_of(engine)
+        return {}
+    engine.optimizer.load_state_dict(state["optimizer"])
+    common = state["common"]
+    if common.get("scheduler") and engine.scheduler is not None:
+        engine.scheduler.load_state_dict(common["scheduler"])
+    rng = Path(path) / f"rng_rank{_rank()}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    engine.rope = _rope_of(engine)
+    return common
+
+
+def _rope_of(engine):
+    from megarope.mcore.spec import rope_of
+
+    return rope_of(engine.model)
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 ask for a stop; ``requested()`` agrees across ranks so every rank stops
+    after the same step (the handler may fire on some ranks first, or twice via torchrun)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+        self.received = signum
+
+    def requested(self) -> bool:
+        flag = torch.tensor([0 if self.received is None else int(self.received)], dtype=torch.int64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if torch.cuda.is_available():
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.received is None:
+            self.received = int(flag.item())
+        return bool(flag.item())
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after writing a checkpoint; the job should be requeued."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped on signal {signum}, checkpoint written")
+        self.exit_code = 128 + signum

@@ -1,0 +1,181 @@
+"""Structured configs of a megarope run: the single source of defaults (YAML only selects and overrides).
+
+Groups: ``model``, ``method`` (the RoPE method, a RopeConfig as a dict), ``parallel``, ``data``,
+``train``, ``eval``, ``checkpoint``, ``run``, ``search``, and ``stages`` (the recipe's pipeline).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from megarope.run.data import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # Hugging Face checkpoint folder; None: the built-in tiny Llama-style model
+    # the built-in tiny model (ignored with `path`)
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 352
+    rope_theta: float = 10_000.0
+    window: int = 128  # its pre-training window (the original_max_position_embeddings of every method)
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sp: bool = False
+    micro_batch_size: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    global_batch_size: int = 8
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "linear"  # linear | cosine | constant (decay from lr to min_lr over `steps`)
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    seed: int = 1234
+    log_every: int = 1
+    bf16: Optional[bool] = None  # None: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class EvalConfig:
+    lengths: List[int] = field(default_factory=lambda: [128, 256, 512, 1024])
+    num_docs: int = 4
+    passkey_lengths: List[int] = field(default_factory=list)
+    passkey_depths: List[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    passkey_per_depth: int = 2
+    seed: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints (0: only at the end of a stage and on SIGTERM/SIGUSR1)
+    keep: int = 1  # finished checkpoints kept per stage
+
+
+@dataclass
+class RunConfig:
+    # identical on every rank: derived from the recipe and SLURM_JOB_ID, never from a timestamp
+    dir: str = "runs/${recipe}-${oc.env:SLURM_JOB_ID,local}"
+    log_level: str = "INFO"
+
+
+@dataclass
+class SearchStageConfig:
+    """LongRoPE search knobs (megarope.search.evolution.SearchConfig, paper defaults)."""
+
+    population: int = 64
+    iterations: int = 40
+    mutations: int = 16
+    crossovers: int = 16
+    topk: int = 32
+    mutation_prob: float = 0.3
+    lambda_max_ratio: float = 1.25
+    lambda_step: float = 0.01
+    seeds: List[str] = field(default_factory=lambda: ["pi", "ntk", "yarn"])
+    n_hat_candidates: List[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256])
+    seed: int = 0
+    num_docs: int = 4  # documents of the target length scored per candidate
+    fitness_chunk: int = 0
+
+
+@dataclass
+class StageConfig:
+    """One step of a recipe. ``kind``: train | eval | search | export | report.
+
+    ``method`` is merged over the top-level ``method``; ``init`` names an earlier stage whose final
+    weights start this one; ``factors`` names an earlier search stage whose factors this one uses;
+    ``overrides`` replaces any top-level group (``train``, ``data``, ``eval``, ``search``) for this
+    stage only.
+    """
+
+    name: str = "train"
+    kind: str = "train"
+    method: Dict[str, Any] = field(default_factory=dict)
+    init: Optional[str] = None
+    factors: Optional[str] = None
+    target_length: Optional[int] = None
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    recipe: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Dict[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    search: SearchStageConfig = field(default_factory=SearchStageConfig)
+    stages: List[StageConfig] = field(default_factory=list)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="megarope_schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """Bad run configuration; the message starts with the dotted field name."""
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Checks that need no data or model: fail before any work, naming the field."""
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    need(cfg.train.steps > 0, "train.steps", f"must be > 0, got {cfg.train.steps}")
+    need(cfg.train.global_batch_size > 0, "train.global_batch_size", "must be > 0")
+    need(cfg.train.schedule in ("linear", "cosine", "constant"), "train.schedule",
+         f"one of linear|cosine|constant, got {cfg.train.schedule!r}")
+    need(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    for key in ("tp", "pp", "cp", "micro_batch_size"):
+        need(getattr(cfg.parallel, key) >= 1, f"parallel.{key}", "must be >= 1")
+    if world_size is not None:
+        model_parallel = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
+        need(world_size % model_parallel == 0, "parallel.tp",
+             f"world size {world_size} is not divisible by parallel.tp*pp*cp = {model_parallel}")
+        dp = world_size // model_parallel
+        need(cfg.train.global_batch_size % (dp * cfg.parallel.micro_batch_size) == 0, "train.global_batch_size",
+             f"{cfg.train.global_batch_size} is not divisible by data-parallel size {dp} x "
+             f"parallel.micro_batch_size {cfg.parallel.micro_batch_size}")
+    if cfg.model.path is not None:
+        need(os.path.isdir(cfg.model.path), "model.path", f"no such checkpoint folder: {cfg.model.path}")
+    else:
+        need(cfg.model.num_attention_heads % cfg.parallel.tp == 0, "parallel.tp",
+             f"model.num_attention_heads={cfg.model.num_attention_heads} is not divisible by parallel.tp={cfg.parallel.tp}")
+        need(cfg.model.num_query_groups % cfg.parallel.tp == 0, "parallel.tp",
+             f"model.num_query_groups={cfg.model.num_query_groups} is not divisible by parallel.tp={cfg.parallel.tp}")
+        need(cfg.model.num_layers % cfg.parallel.pp == 0, "parallel.pp",
+             f"model.num_layers={cfg.model.num_layers} is not divisible by parallel.pp={cfg.parallel.pp}")
+    kinds = ("train", "eval", "search", "export", "report")
+    names = set()
+    for i, stage in enumerate(cfg.stages):
+        need(stage.kind in kinds, f"stages[{i}].kind", f"one of {kinds}, got {stage.kind!r}")
+        need(stage.name not in names, f"stages[{i}].name", f"duplicate stage name {stage.name!r}")
+        for ref in ("init", "factors"):
+            value = getattr(stage, ref)
+            need(value is None or value in names, f"stages[{i}].{ref}",
+                 f"{value!r} is not an earlier stage (earlier: {sorted(names)})")
+        names.add(stage.name)
