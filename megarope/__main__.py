@@ -41,6 +41,9 @@ def main() -> None:
 
     # megatron warns at import that Transformer Engine / apex are missing: expected on CPU (torch-native paths)
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    # deprecations inside megatron-core / torch.distributed.checkpoint that users cannot act on
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
     import hydra
     from omegaconf import OmegaConf
 

@@ -1,81 +1,88 @@
-"""megatron-core version shims and the CPU compatibility layer — every device or version
-difference megarope has to paper over lives here and nowhere else.
+"""megatron-core version shims and the CPU compatibility layer: every device or version
+difference megarope papers over lives here and nowhere else.
 
 CPU layer
 ---------
-megatron-core allocates on CUDA by name all over its training machinery. With a CPU-only torch
-(or no GPU), ``enable_cpu_compat()`` makes megatron's OWN DDP, optimizer, pipeline schedules and
-tensor/sequence parallel mappings run on CPU tensors over gloo, so CPU and GPU share one training
-path. It does nothing when ``torch.cuda.is_available()``. Two pieces:
+megatron-core allocates on CUDA by name all through its training machinery. With a CPU-only
+torch (or no GPU), ``enable_cpu_compat()`` lets megatron's OWN DDP, optimizers, schedules,
+TP/SP mappings and dist_checkpointing run on CPU tensors over gloo, so CPU and GPU share one
+training path. It does nothing when ``torch.cuda.is_available()``. What covers what
+(file paths under megatron/core, read against 0.16.1 and 0.19.2):
 
-1. ``_CudaToCpu``, a ``TorchFunctionMode`` that rewrites CUDA devices (``"cuda"``, ``"cuda:N"``,
-   ``torch.device("cuda")``, an int index) to CPU in every torch call, plus ``Tensor.to``,
-   ``Tensor.cuda`` and ``pin_memory``. Call sites it covers (megatron-core 0.16.1):
-
-   - distributed/param_and_grad_buffer.py  ``_ParamAndGradBuffer.__init__``: ``grad_data`` /
-     ``param_data`` / ``shared_buffer`` on ``torch.cuda.current_device()``; the NCCL-UB warm-up
-     ``torch.zeros([1], device="cuda")``.
+1. ``_CudaToCpu``, a ``TorchFunctionMode``: ``device=`` "cuda" / "cuda:N" /
+   ``torch.device("cuda")`` / an int index becomes CPU in every torch call, as does the device
+   argument of ``Tensor.to``; ``Tensor.cuda`` and ``pin_memory`` return the tensor as is,
+   ``pin_memory=True`` becomes False (no pinned allocator without CUDA).
+   - pipeline_parallel/schedules.py  all three schedules: ``total_num_tokens = torch.zeros(...,
+     device="cuda")``.
    - optimizer/optimizer.py  ``MixedPrecisionOptimizer.__init__`` (``found_inf``,
-     ``_dummy_overflow_buf``, ``_scale_one`` on ``'cuda'``), ``FP32Optimizer.__init__``
-     (``_scale``), ``ChainedOptimizer``'s ``get_loss_scale``; offload/reload ``.cuda()``.
-   - optimizer/clip_grads.py  ``get_grad_norm_fp32`` / ``clip_grad_by_total_norm_fp32`` /
+     ``_dummy_overflow_buf``, ``_scale_one``), ``FP32Optimizer.__init__`` (``_scale``);
+     ``MegatronOptimizer.restore_from_cpu`` (``.cuda()``).
+   - optimizer/clip_grads.py  ``get_grad_norm_fp32``, ``clip_grad_by_total_norm_fp32``,
      ``count_zeros_fp32``: norm and overflow buffers on ``'cuda'``.
-   - optimizer/grad_scaler.py  scale tensors on ``'cuda'``, ``load_state_dict``'s ``.cuda()``.
-   - pipeline_parallel/schedules.py  ``forward_backward_no_pipelining`` and both pipelining
-     schedules: ``total_num_tokens = torch.zeros(..., device="cuda")``.
-   - pipeline_parallel/p2p_communication.py  ``_communicate_shapes`` / ``_communicate``: receive
-     buffers on ``torch.cuda.current_device()``.
-   - tensor_parallel/mappings.py  ``_gather_along_first_dim``, ``_reduce_scatter_along_first_dim``,
-     ``_gather_along_last_dim``, ``all_to_all``-style helpers: outputs on
-     ``torch.cuda.current_device()`` (sequence parallel).
-   - tensor_parallel/layers.py, tensor_parallel/utils.py  SP all-gather buffers.
-   - transformer/dot_product_attention.py  ``DotProductAttention.__init__``/``forward`` and
-     transformer/utils.py ``get_default_causal_mask``: causal mask on ``"cuda"``.
-   - models/common/embeddings/rotary_pos_embedding.py  ``RotaryEmbedding.get_emb`` moves
-     ``inv_freq`` to ``torch.cuda.current_device()``.
-   - dist_checkpointing/exchange_utils.py, strategies/state_dict_saver.py: exchange buffers and
-     the save-verification flag on ``"cuda"``.
+   - optimizer/grad_scaler.py  ``MegatronGradScaler`` / ``DynamicGradScaler`` scale tensors.
+   - transformer/utils.py  ``get_default_causal_mask`` (the local ``DotProductAttention``'s
+     causal mask, via fusions/fused_softmax.py ``forward_torch_softmax``).
+   - dist_checkpointing/exchange_utils.py  ``ShardDistribution`` exchange buffers;
+     strategies/state_dict_saver.py  ``verify_global_md_reuse``.
+   It also rewrites ``Tensor.type()`` strings "torch.X" -> "torch.cuda.X":
+   optimizer/clip_grads.py ``clip_grad_by_total_norm_fp32`` asserts
+   ``param.grad.type() == 'torch.cuda.FloatTensor'``; optimizer/optimizer.py
+   ``Float16OptimizerWithFloat16Params`` and distrib_optimizer.py sort params by such strings.
 
-2. ``_STANDINS``: CPU replacements for ``torch.cuda`` functions that raise without CUDA:
-
-   - ``current_device`` -> ``torch.device("cpu")``, not an index: most allocations above pass
-     ``device=torch.cuda.current_device()``, and this way they are CPU ones even where the mode
-     is not active — on other threads, and during backward: a mode is suspended while it
-     handles a call, and ``torch.autograd.backward`` is one, so autograd functions' backward
-     (tensor_parallel/layers.py ``LinearWithGradAccumulationAndAsyncCommunication``,
-     mappings.py gathers under sequence parallelism) never see it.
-   - ``synchronize``: p2p_communication.py ``_communicate`` after ``batch_isend_irecv``;
+2. CPU stand-ins set on ``torch.cuda`` (they raise, or silently do nothing, without CUDA):
+   - ``current_device`` -> ``torch.device("cpu")``, not an index, so that every
+     ``device=torch.cuda.current_device()`` is a CPU allocation even where the mode is not
+     active: on other threads, and during backward (a mode is suspended while it handles a
+     call, and ``torch.autograd.backward`` is one). Covers distributed/param_and_grad_buffer.py
+     ``_ParamAndGradBuffer.__init__`` (``grad_data``/``param_data``); p2p_communication.py
+     ``_communicate_shapes`` / ``create_tensor_recv_prev/next``; tensor_parallel/mappings.py
+     ``_gather_along_first_dim`` / ``_gather_along_last_dim`` /
+     ``_reduce_scatter_along_first_dim`` / ``_AllToAll`` (SP, incl. their backward);
+     tensor_parallel/layers.py ``LinearWithGradAccumulationAndAsyncCommunication.backward``
+     (SP all-gather) and the GPU-init path of ``VocabParallelEmbedding`` /
+     ``ColumnParallelLinear`` / ``RowParallelLinear``; models/common/embeddings/
+     rotary_pos_embedding.py ``RotaryEmbedding.get_emb`` (moves ``inv_freq``);
+     transformer/dot_product_attention.py ``__init__`` (softmax offset).
+   - ``synchronize``: p2p_communication.py after ``batch_isend_irecv``;
      distributed_data_parallel.py ``offload/restore_grad_buffers``; parallel_state.py
-     ``update_pg_timeout``; dist_checkpointing fully_parallel / filesystem_async.
+     ``update_pg_timeout``; dist_checkpointing strategies/fully_parallel.py, filesystem_async.py.
    - ``Stream`` / ``stream`` / ``default_stream`` / ``current_stream``: param_and_grad_buffer.py
-     ``_ParamAndGradBucketGroup.start_grad_sync`` / ``finish_grad_sync`` and
-     distributed_data_parallel.py ``DistributedDataParallel.__init__`` (multi-instance DistOpt
-     communication stream). CPU ops are synchronous, so waits are no-ops.
-   - ``set_device`` / ``device_count``: dist_checkpointing/strategies/async_utils.py worker setup.
+     ``_ParamAndGradBucketGroup.start_grad_sync`` / ``finish_grad_sync`` (0.19 calls
+     ``current_stream().wait_event`` on every sync) and distributed_data_parallel.py
+     ``__init__`` (multi-instance DistOpt stream). CPU ops are synchronous: waits are no-ops.
+   - ``set_device`` / ``device_count``: dist_checkpointing/strategies/async_utils.py workers.
    - ``get_rng_state`` / ``set_rng_state`` / ``manual_seed`` / ``manual_seed_all`` (also under
      ``torch.cuda.random``): tensor_parallel/random.py ``_get_cuda_rng_state``,
-     ``CudaRNGStatesTracker.add``, ``model_parallel_cuda_manual_seed``; rerun_state_machine.py
-     RNG save/restore. The "CUDA" generator IS the CPU default generator, since that is the
-     one CPU dropout and init draw from: forking the tracker then really forks dropout.
-   - megatron's own ``tensor_parallel.random._set_cuda_rng_state``: it queues the state change
-     with ``torch.cuda._lazy_call``, which never runs without CUDA, so ``CudaRNGStatesTracker.fork``
-     (dropout in TP regions, local ``DotProductAttention.forward``) would silently not restore.
+     ``CudaRNGStatesTracker.add``, ``model_parallel_cuda_manual_seed``; rerun_state_machine.py.
+     The "CUDA" generator IS the CPU default generator, the one CPU dropout and init draw from,
+     so forking the tracker really forks them.
+   Plus megatron's tensor_parallel/random.py ``_set_cuda_rng_state``: it defers the change
+   through ``torch.cuda._lazy_call``, which never runs without CUDA, so
+   ``CudaRNGStatesTracker.fork`` (TP-region dropout, local ``DotProductAttention.forward``)
+   would silently never switch or restore the state. And since the two generators are one,
+   ``fork``'s "CPU RNG state changed within GPU RNG context" warning, logged whenever random
+   numbers are drawn inside it, is a false alarm here: it is filtered out.
 
 3. Sequence parallelism with the local layer spec. Without apex (GPU-only), the local spec's
-   norms (gpt_layer_specs.py / backends.py ``LNImpl``, transformer_block.py final layernorm) are
-   transformer/torch_norm.py ``WrappedTorchNorm``, which asserts ``not sequence_parallel``.
-   apex's ``FusedLayerNorm`` (and TE's norms) instead tag their weights ``sequence_parallel``
-   so that distributed/finalize_model_grads.py ``_allreduce_non_tensor_model_parallel_grads``
-   sums their grads over TP; ``_sp_torch_norm`` does exactly that around the torch norm.
+   norms (models/backends.py and gpt_layer_specs.py ``LNImpl``, transformer_block.py's final
+   norm) are transformer/torch_norm.py ``WrappedTorchNorm``, which asserts
+   ``not sequence_parallel``. apex's ``FusedLayerNorm`` (and TE's norms) instead tag their
+   weights ``sequence_parallel`` so that distributed/finalize_model_grads.py
+   ``_allreduce_non_tensor_model_parallel_grads`` sums their grads over TP;
+   ``_sp_torch_norm`` does just that around the torch norm.
 
-``torch.cuda.empty_cache`` and ``torch.cuda.is_available`` need nothing: the former is already a
-no-op before CUDA initialises, and megatron's own CPU branches key on the latter.
-
-The mode is thread-local: enable it on the thread that runs megatron (the main one).
+Needing nothing: ``torch.cuda.empty_cache`` (a no-op before CUDA initialises) and
+``torch.cuda.is_available`` (megatron's own CPU branches key on it). Not covered: literal
+"cuda" inside code run under ``torch.autograd.backward`` (none on the paths above) or on other
+threads; CUDA graphs, events, TE and apex paths. The mode is thread-local: enable the layer on
+the thread that runs megatron.
 
 Version shims
 -------------
-megatron-core 0.16.x is what resolves on Python 3.11; 0.19.x on Python 3.12 (the GPU machines).
+megatron-core 0.16.x resolves on Python 3.11; 0.19.x on Python 3.12 (the GPU machines).
+``RotaryEmbedding.forward(max_seq_len, offset, packed_seq, cp_group)`` is the same in both: no
+shim. ``get_batch_on_this_cp_rank`` and GPTModel's deprecation log differ: shims below.
 """
 
 import contextlib
@@ -124,7 +131,7 @@ class _CudaToCpu(TorchFunctionMode):
 
 
 class _CpuStream:
-    """Stand-in for ``torch.cuda.Stream``/``Event``: CPU kernels run synchronously."""
+    """Stand-in for ``torch.cuda.Stream``: CPU kernels run synchronously."""
 
     def __init__(self, *args, **kwargs):
         pass
@@ -148,6 +155,19 @@ class _CpuStream:
 _DEFAULT_STREAM = _CpuStream()
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+_RNG_FORK_WARNING = _DropMessage("CPU RNG state changed within GPU RNG context")
+_GPT_MODEL_DEPRECATION = _DropMessage("GPTModel IS DEPRECATED")
+
+
 def _sp_torch_norm(cls, config, *args, **kwargs):
     """``WrappedTorchNorm.__new__`` that accepts sequence parallelism (see module docstring)."""
     sequence_parallel = config.sequence_parallel
@@ -161,7 +181,8 @@ def _sp_torch_norm(cls, config, *args, **kwargs):
     return norm
 
 
-def _set_rng_state(new_state, device="cuda", *args, **kwargs):
+def _set_rng_state(new_state, device=None, graph_safe=False):
+    # Signature covers torch.cuda.set_rng_state and megatron's _set_cuda_rng_state.
     torch.default_generator.set_state(new_state)
 
 
@@ -218,6 +239,7 @@ def enable_cpu_compat() -> bool:
         _patch(torch.cuda.random, name, _STANDINS[name])
     _patch(mcore_random, "_set_cuda_rng_state", _set_rng_state)
     _original_norm_new = _patch(WrappedTorchNorm, "__new__", _sp_torch_norm)
+    logging.getLogger(mcore_random.__name__).addFilter(_RNG_FORK_WARNING)
     _mode = _CudaToCpu()
     _mode.__enter__()
     return True
@@ -230,6 +252,7 @@ def disable_cpu_compat() -> None:
         return
     _mode.__exit__(None, None, None)
     _mode = None
+    logging.getLogger("megatron.core.tensor_parallel.random").removeFilter(_RNG_FORK_WARNING)
     while _saved:
         owner, name, value = _saved.pop()
         setattr(owner, name, value)
@@ -252,11 +275,11 @@ def cpu_compat():
 
 
 def get_batch_on_this_cp_rank(batch: dict, cp_group=None) -> dict:
-    """megatron's zigzag CP slicing of a ``[b, s, ...]`` batch, on any supported version.
+    """megatron's zigzag CP slicing of a ``[b, s, ...]`` batch (no ``cu_seqlens``), any version.
 
-    0.16: ``(batch, cp_group=None)``; 0.19: ``(batch, is_hybrid_cp, cp_group=None, ...)`` whose
-    per-sequence path calls ``get_world_size(cp_group)``, i.e. the WORLD size when the group is
-    None — so the CP group is always passed explicitly.
+    0.16/0.17: ``(batch, cp_group=None)``; 0.18/0.19: ``(batch, is_hybrid_cp, cp_group=None,
+    ...)``, whose 0.19 per-sequence path calls ``get_world_size(cp_group)`` — the WORLD size
+    when the group is None — so the CP group is always passed explicitly.
     """
     from megatron.core import parallel_state
     from megatron.core.utils import get_batch_on_this_cp_rank as mcore_fn
@@ -268,14 +291,9 @@ def get_batch_on_this_cp_rank(batch: dict, cp_group=None) -> dict:
     return mcore_fn(batch, cp_group=cp_group)
 
 
-class _DropGPTModelDeprecation(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "GPTModel IS DEPRECATED" not in record.getMessage()
-
-
 def quiet_gpt_model_deprecation() -> None:
     """0.19 logs a deprecation warning (pointing at HybridModel) for every GPTModel built;
     GPTModel still works and is what megarope builds on. Idempotent."""
     logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
-    if not any(isinstance(f, _DropGPTModelDeprecation) for f in logger.filters):
-        logger.addFilter(_DropGPTModelDeprecation())
+    if _GPT_MODEL_DEPRECATION not in logger.filters:
+        logger.addFilter(_GPT_MODEL_DEPRECATION)

@@ -56,15 +56,22 @@ def detect_launch() -> Launch:
     return Launch(0, 1, 0, "none")
 
 
-def _validate(tp: int, pp: int, cp: int, world_size: int) -> None:
+def _validate(tp: int, pp: int, cp: int, launch: Launch) -> None:
     for name, value in (("tp", tp), ("pp", pp), ("cp", cp)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
-    if world_size % (tp * pp * cp):
+    if launch.world_size % (tp * pp * cp):
         raise ValueError(
-            f"world size {world_size} is not divisible by parallel.tp * parallel.pp * "
+            f"world size {launch.world_size} is not divisible by parallel.tp * parallel.pp * "
             f"parallel.cp = {tp} * {pp} * {cp} = {tp * pp * cp}"
         )
+    if launch.launcher == "srun":
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"under srun without torchrun, export {' and '.join(missing)} in the sbatch "
+                "script (e.g. the first host of $SLURM_JOB_NODELIST and a free port)"
+            )
 
 
 def _init_process_group(launch: Launch) -> None:
@@ -76,13 +83,6 @@ def _init_process_group(launch: Launch) -> None:
     if launch.launcher == "none":
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     else:
-        if launch.launcher == "srun":
-            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-            if missing:
-                raise RuntimeError(
-                    f"under srun without torchrun, export {' and '.join(missing)} in the sbatch "
-                    "script (e.g. the first host of $SLURM_JOB_NODELIST and a free port)"
-                )
         dist.init_process_group(
             backend, init_method="env://", rank=launch.rank, world_size=launch.world_size
         )
@@ -95,11 +95,12 @@ def initialize(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> Launc
     Data-parallel size is what is left: world_size / (tp * pp * cp). Every rank gets the same
     ``seed`` for python/numpy/torch; megatron's tracker then derives the TP-rank-specific
     stream from it (``model_parallel_cuda_manual_seed``). Idempotent for the same sizes.
+    Returns where this process sits (rank, world size, launcher).
     """
     from megatron.core import parallel_state, tensor_parallel
 
     launch = detect_launch()
-    _validate(tp, pp, cp, launch.world_size)
+    _validate(tp, pp, cp, launch)  # before anything changes state
     compat.enable_cpu_compat()
     compat.quiet_gpt_model_deprecation()
 

@@ -81,10 +81,11 @@ def latest(root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def _sharded(engine, loading: bool) -> dict:
+def _sharded(engine, loading: bool, model_only: bool = False) -> dict:
     model_sd = engine.model.sharded_state_dict()
     state = {"model": model_sd}
-    if engine.optimizer is not None:
+    # building the optimizer's template for loading creates optimizer state: not for a model-only load
+    if engine.optimizer is not None and not model_only:
         state["optimizer"] = engine.optimizer.sharded_state_dict(model_sd, is_loading=loading)
     return state
 
@@ -118,9 +119,7 @@ def save(engine, root: Path, step: int, common: dict, keep: int = 1) -> Path:
 
 def load(engine, path: Path, model_only: bool = False) -> dict:
     """Restore ``engine`` from checkpoint folder ``path``; returns its common state."""
-    template = _sharded(engine, loading=True)
-    if model_only:
-        template = {"model": template["model"]}
+    template = _sharded(engine, loading=True, model_only=model_only)
     state = dist_checkpointing.load(template, str(path))
     engine.model.load_state_dict(state["model"])
     if model_only:
