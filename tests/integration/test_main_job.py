@@ -1,0 +1,70 @@
+"""The main job (README's first command) at a smaller size: report.md numbers equal metrics.jsonl."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from megarope.eval.metrics import read_metrics
+
+SMALL = [
+    "train.steps=15", "train.log_every=5", "eval.lengths=[128,512,1024]", "eval.num_docs=2",
+    "eval.passkey_lengths=[512]", "eval.passkey_per_depth=1", "search.population=4", "search.iterations=1",
+    "search.mutations=2", "search.crossovers=2", "search.topk=2", "search.num_docs=1",
+    "stages.7.overrides.train.steps=2", "stages.9.overrides.train.steps=2",
+]
+METHODS = ["original", "pi", "ntk", "yarn", "longrope", "abf", "eabf"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("main") / "run"
+    proc = subprocess.run([sys.executable, "-m", "megarope", "recipe=main", f"run.dir={run_dir}", *SMALL],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "pretrain step 15/15" in proc.stdout  # progress output while it runs
+    return run_dir
+
+
+def markdown_table(text: str, heading: str) -> dict[str, dict[str, float]]:
+    """{row: {column: value}} of the first table after ``## heading`` (bold markers removed)."""
+    section = text.split(f"## {heading}", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(section) if line.startswith("|"))
+    lines = []
+    for line in section[start:]:
+        if not line.startswith("|"):
+            break
+        lines.append(line)
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    table = {}
+    for line in lines[2:]:
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        table[cells[0]] = {h: float(c) for h, c in zip(header[1:], cells[1:])}
+    return table
+
+
+def test_report_numbers_are_the_measurements(run_dir):
+    report = (run_dir / "report.md").read_text()
+    rows = read_metrics(run_dir / "metrics.jsonl", dedupe=True)
+    ppl = markdown_table(report, "Perplexity")
+    assert sorted(ppl) == sorted(METHODS)
+    evals = [r for r in rows if r["stage"] == "eval"]
+    assert len(evals) == len(METHODS) * 3
+    for r in evals:
+        assert ppl[r["method"]][str(r["length"])] == pytest.approx(r["ppl"], abs=0.005 + 1e-9)
+    passkey = markdown_table(report, "Passkey retrieval")
+    for method in METHODS:
+        cells = [r["accuracy"] for r in rows if r["stage"] == "passkey" and r["method"] == method]
+        assert len(cells) == 3 and passkey[method]["512"] == pytest.approx(sum(cells) / 3, abs=0.005)
+
+
+def test_every_stage_finished_and_plots_written(run_dir):
+    for png in ("ppl_vs_length.png", "passkey_heatmap.png", "loss.png", "factors.png"):
+        data = (run_dir / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert (run_dir / "stages/longrope_search/factors.json").is_file()
+    assert re.search(r"longrope_search \| 2 \|", (run_dir / "report.md").read_text())  # generations 0 and 1
+    summary = (run_dir / "summary.json").read_text()
+    for stage in ("pretrain", "longrope_search", "eabf_finetune", "report"):
+        assert f'"{stage}"' in summary
