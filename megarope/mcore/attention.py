@@ -22,7 +22,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
 
 from megarope.mcore.context_parallel import cp_attention, cp_local_indices
-from megarope.mcore.rotary import RopeStateMixin, current_device
+from megarope.mcore.compat import compute_device
+from megarope.mcore.rotary import RopeStateMixin
 from megarope.rope.config import RopeConfig
 
 
@@ -119,7 +120,7 @@ class MegaropeCoreAttention(RopeStateMixin, MegatronModule):
                 per_pos = self.rope.query_scale(positions, self.layer_number).double()
             else:
                 per_pos = torch.ones(num_tokens, dtype=torch.float64)
-            multiplier = (per_pos[:, None] * per_dim[None, :]).float().to(current_device())
+            multiplier = (per_pos[:, None] * per_dim[None, :]).float().to(compute_device())
         if len(self._multipliers) > 8:
             self._multipliers.clear()
         self._multipliers[key] = multiplier

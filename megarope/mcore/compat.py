@@ -218,6 +218,11 @@ def _patch(owner, name, value):
     return original
 
 
+def compute_device() -> torch.device:
+    """Where megarope puts the tensors it creates itself: the current GPU, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def cpu_compat_enabled() -> bool:
     return _mode is not None
 

@@ -17,14 +17,11 @@ from typing import Any
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+from megarope.mcore.compat import compute_device
 from megarope.mcore.context_parallel import cp_local_indices
 from megarope.rope.config import RopeConfig
 
 _CACHE_SIZE = 8
-
-
-def current_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class RopeStateMixin:
@@ -100,7 +97,7 @@ class MegaropeRotaryEmbedding(RopeStateMixin, RotaryEmbedding):
         sliced = cp_size > 1 and not packed_seq
         key = (max_seq_len, offset, sliced, cp_size, cp_rank)
         if key not in self._cache:
-            device = current_device()
+            device = compute_device()
             if sliced:
                 positions = cp_local_indices(max_seq_len, cp_size, cp_rank).to(device)
             else:
@@ -111,5 +108,5 @@ class MegaropeRotaryEmbedding(RopeStateMixin, RotaryEmbedding):
         return self._cache[key]
 
     def get_cos_sin(self, max_seq_len: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = self.rope.angles(torch.arange(max_seq_len, device=current_device()) + offset)
+        freqs = self.rope.angles(torch.arange(max_seq_len, device=compute_device()) + offset)
         return torch.cos(freqs), torch.sin(freqs)

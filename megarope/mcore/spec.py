@@ -17,7 +17,6 @@ attention factor and the entropy-aware query scale.
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch
 from megatron.core import parallel_state
@@ -144,4 +143,4 @@ def set_rope(model: torch.nn.Module, rope: RopeConfig) -> None:
 
 
 __all__ = ["layer_spec", "wrap_core_attention", "transformer_config", "install_rope", "gpt_model", "rope_of",
-           "set_rope", "te_available", "dataclasses"]
+           "set_rope", "te_available"]

@@ -167,10 +167,11 @@ class StopSignal:
         self.received = signum
 
     def requested(self) -> bool:
+        from megarope.mcore.compat import compute_device
+
         flag = torch.tensor([0 if self.received is None else int(self.received)], dtype=torch.int64)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            if torch.cuda.is_available():
-                flag = flag.cuda()
+            flag = flag.to(compute_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.received is None:
             self.received = int(flag.item())

@@ -22,6 +22,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megarope.mcore import parallel
+from megarope.mcore.compat import compute_device
 from megarope.mcore.context_parallel import slice_bshd
 from megarope.mcore.spec import gpt_model, set_rope, transformer_config
 from megarope.rope.config import RopeConfig
@@ -73,7 +74,7 @@ def _share(values: torch.Tensor, owner: bool, groups: tuple = (None,)) -> torch.
     where ``owner`` (others contribute zeros)."""
     out = values.double() if owner else torch.zeros_like(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        out = out.to(_comm_device())
+        out = out.to(compute_device())
         for group in groups:
             dist.all_reduce(out, group=group)
     return out.cpu()
@@ -82,10 +83,6 @@ def _share(values: torch.Tensor, owner: bool, groups: tuple = (None,)) -> torch.
 def _replica_groups() -> tuple:
     """Groups that together span one model replica (TP x CP, then PP)."""
     return (parallel_state.get_tensor_and_context_parallel_group(), parallel_state.get_pipeline_model_parallel_group())
-
-
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _is_reporting_rank() -> bool:
