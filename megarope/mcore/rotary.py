@@ -107,6 +107,24 @@ class MegaropeRotaryEmbedding(RopeStateMixin, RotaryEmbedding):
             self._cache[key] = self.angles(positions + offset, seq_len=max_seq_len + offset)
         return self._cache[key]
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """The RopeConfig as one ShardedObject, saved by the first pipeline stage only.
+
+        Every stage holds this module; megatron's default replica id (0, tp rank, dp rank) would
+        make each stage's copy a main replica of the same key, which dist_checkpointing rejects
+        under PP > 1 ("Duplicate ShardedObject keys: ['rotary_pos_emb._extra_state/...']").
+        """
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
+
+        key = f"{prefix}_extra_state"
+        replica_id = (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank(with_context_parallel=True),
+        )
+        return {key: make_sharded_object_for_checkpoint(self.get_extra_state(), key, sharded_offsets, replica_id)}
+
     def get_cos_sin(self, max_seq_len: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = self.rope.angles(torch.arange(max_seq_len, device=compute_device()) + offset)
         return torch.cos(freqs), torch.sin(freqs)

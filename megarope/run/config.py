@@ -1,11 +1,13 @@
 """Structured configs of a megarope run: the single source of defaults (YAML only selects and overrides).
 
 Groups: ``model``, ``method`` (the RoPE method, a RopeConfig as a dict), ``parallel``, ``data``,
-``train``, ``eval``, ``checkpoint``, ``run``, ``search``, and ``stages`` (the recipe's pipeline).
+``train``, ``eval``, ``checkpoint``, ``run``, ``search``, ``stages`` (the recipe's pipeline) and
+``vars`` (named values the recipe's stages interpolate as ``${vars.NAME}``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -39,6 +41,7 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     steps: int = 20
+    epochs: int = 0  # > 0: steps = epochs x (training samples // global_batch_size), replacing `steps`
     global_batch_size: int = 8
     lr: float = 2e-5
     min_lr: float = 0.0
@@ -93,6 +96,11 @@ class SearchStageConfig:
     seed: int = 0
     num_docs: int = 4  # documents of the target length scored per candidate
     fitness_chunk: int = 0
+    # short-context re-search (paper §3.3): searches `short_factor` at the original window, keeping the
+    # long_factor and n̂ of the stage's `factors` (or of a LongRoPE model); seeds PI/NTK/YaRN at
+    # `short_scale`, λ in [1, lambda_max_ratio * short_scale] (a lower maximum than the long search's)
+    short: bool = False
+    short_scale: float = 2.0
 
 
 @dataclass
@@ -100,7 +108,8 @@ class StageConfig:
     """One step of a recipe. ``kind``: train | eval | search | export | report.
 
     ``method`` is merged over the top-level ``method``; ``init`` names an earlier stage whose final
-    weights start this one; ``factors`` names an earlier search stage whose factors this one uses;
+    weights start this one; ``factors`` names an earlier search stage whose factors this one uses,
+    or a factor file (a path ending in ``.json``);
     ``overrides`` replaces any top-level group (``train``, ``data``, ``eval``, ``search``) for this
     stage only.
     """
@@ -127,6 +136,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     search: SearchStageConfig = field(default_factory=SearchStageConfig)
     stages: List[StageConfig] = field(default_factory=list)
+    # recipe variables (lengths, step counts) that stages interpolate: one override rescales a recipe
+    vars: Dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:
@@ -146,6 +157,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(f"{key}: {message}")
 
     need(cfg.train.steps > 0, "train.steps", f"must be > 0, got {cfg.train.steps}")
+    need(cfg.train.epochs >= 0, "train.epochs", f"must be >= 0, got {cfg.train.epochs}")
     need(cfg.train.global_batch_size > 0, "train.global_batch_size", "must be > 0")
     need(cfg.train.schedule in ("linear", "cosine", "constant"), "train.schedule",
          f"one of linear|cosine|constant, got {cfg.train.schedule!r}")
@@ -160,6 +172,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         need(cfg.train.global_batch_size % (dp * cfg.parallel.micro_batch_size) == 0, "train.global_batch_size",
              f"{cfg.train.global_batch_size} is not divisible by data-parallel size {dp} x "
              f"parallel.micro_batch_size {cfg.parallel.micro_batch_size}")
+    # CP cuts every sequence into 2*cp equal chunks; SP then splits a CP rank's share over TP
+    p = cfg.parallel
+    multiple = math.lcm(2 * p.cp if p.cp > 1 else 1, p.cp * p.tp if p.sp else 1)
+    why = ([f"2*parallel.cp={2 * p.cp} chunks for context parallelism"] if p.cp > 1 else []) + \
+        ([f"parallel.cp*parallel.tp={p.cp * p.tp} for sequence parallelism"] if p.sp else [])
+    lengths = [("data.seq_len", cfg.data.seq_len)]
+    lengths += [(f"eval.lengths[{i}]", n) for i, n in enumerate(cfg.eval.lengths)]
+    lengths += [(f"eval.passkey_lengths[{i}]", n) for i, n in enumerate(cfg.eval.passkey_lengths)]
+    lengths += [(f"stages[{i}].target_length", s.target_length) for i, s in enumerate(cfg.stages) if s.target_length]
+    for key, length in lengths:
+        need(length % multiple == 0, key, f"{length} tokens is not a multiple of {multiple} ({', '.join(why)})")
     if cfg.model.path is not None:
         need(os.path.isdir(cfg.model.path), "model.path", f"no such checkpoint folder: {cfg.model.path}")
     else:
@@ -174,8 +197,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for i, stage in enumerate(cfg.stages):
         need(stage.kind in kinds, f"stages[{i}].kind", f"one of {kinds}, got {stage.kind!r}")
         need(stage.name not in names, f"stages[{i}].name", f"duplicate stage name {stage.name!r}")
-        for ref in ("init", "factors"):
-            value = getattr(stage, ref)
-            need(value is None or value in names, f"stages[{i}].{ref}",
-                 f"{value!r} is not an earlier stage (earlier: {sorted(names)})")
+        need(stage.init is None or stage.init in names, f"stages[{i}].init",
+             f"{stage.init!r} is not an earlier stage (earlier: {sorted(names)})")
+        if stage.factors is not None and stage.factors.endswith(".json"):
+            need(os.path.isfile(stage.factors), f"stages[{i}].factors", f"no such factor file: {stage.factors}")
+        else:
+            need(stage.factors is None or stage.factors in names, f"stages[{i}].factors",
+                 f"{stage.factors!r} is neither an earlier stage (earlier: {sorted(names)}) nor a .json factor file")
         names.add(stage.name)

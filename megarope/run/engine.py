@@ -153,9 +153,11 @@ class Engine:
 
         def loss_func(per_token):
             stats = self._masked_sums(per_token, mask)
-            # megatron's recipe: the CP all-reduce above carries no gradient, so scale by cp here and
-            # let the DP x CP gradient average divide it out again
-            loss = stats[0] * self.cp_size / stats[1].clamp(min=1)
+            # The CP all-reduce above carries no gradient: each rank's loss covers only its own tokens.
+            # megatron's schedule multiplies a (loss, dict) return by the CP size itself
+            # (forward_step_calc_loss, 0.16 and 0.19), and the DP x CP gradient average divides it
+            # out again; scaling here as well made every gradient cp times too large.
+            loss = stats[0] / stats[1].clamp(min=1)
             return loss, {"loss": (stats[0] / stats[1].clamp(min=1)).detach().clone()}
 
         return output, loss_func
