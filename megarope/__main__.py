@@ -46,6 +46,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
     import hydra
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from megarope.rope.config import RopeConfigError
     from megarope.run.checkpoint import Interrupted
@@ -55,8 +56,12 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
     def _main(dcfg) -> None:
-        cfg = OmegaConf.to_object(dcfg)
-        _setup_logging(cfg.run.log_level)
+        _setup_logging(dcfg.run.log_level)
+        try:
+            cfg = OmegaConf.to_object(dcfg)
+        except OmegaConfBaseException as err:  # e.g. a `${required:}` value or a `???` in vars left unset
+            log.error("error: %s", str(err).splitlines()[0])
+            sys.exit(2)
         try:
             summary = run(cfg)
         except Interrupted as stop:

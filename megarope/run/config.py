@@ -142,8 +142,16 @@ class Config:
 
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="megarope_schema", node=Config)
+    # `key: ${required:}` in a recipe or group: fails naming the key unless the command line sets it.
+    # (`???` cannot do this: merged over a schema default such as model.path=None, it leaves the default.)
+    OmegaConf.register_new_resolver("required", _required, replace=True)
+
+
+def _required(*, _node_) -> None:
+    raise ConfigError(f"{_node_._get_full_key(None)}: required, set it on the command line")
 
 
 class ConfigError(ValueError):

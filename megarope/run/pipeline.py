@@ -5,10 +5,14 @@ first unfinished stage (training from its latest checkpoint, a search from its s
 Stage kinds:
 
 - ``train``: fine-tune (or pre-train) with the stage's RoPE method; checkpoints in ``checkpoints/``;
+  ``train.epochs`` > 0 derives the step count from the number of training samples;
 - ``eval``: perplexity at ``eval.lengths`` and passkey retrieval at ``eval.passkey_lengths``;
 - ``search``: LongRoPE evolutionary search at ``target_length``; ``factors.json`` (Hugging Face
-  ``rope_scaling`` format) plus plots;
-- ``export``: a Hugging Face folder (``model/``) whose config.json carries the stage's RoPE keys;
+  ``rope_scaling`` format), ``search_state.json`` (resume) and ``plots/``. With ``search.short`` it
+  searches ``short_factor`` at the original window instead, keeping the long factors and n̂ of the
+  stage's ``factors`` (or of a LongRoPE model) in the file it writes;
+- ``export``: a Hugging Face folder (``model/``, with the tokenizer) whose config.json carries the
+  stage's RoPE keys;
 - ``report``: ``report.md`` and plots from ``metrics.jsonl``.
 """
 
@@ -26,6 +30,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from megarope.rope.config import RopeConfig, RopeConfigError
+from megarope.rope.methods import METHODS
 from megarope.run import checkpoint
 from megarope.run.config import Config, ConfigError, StageConfig
 from megarope.run.data import DataConfig, DataIterator, build_samples, eval_documents, load_documents
@@ -75,13 +80,22 @@ class Pipeline:
         merged = OmegaConf.merge(base, OmegaConf.create(dict(stage.overrides)))
         return OmegaConf.to_object(merged)
 
+    def factor_file(self, ref: str) -> Path:
+        """``factors`` of a stage: an earlier search stage's ``factors.json``, or a factor file path."""
+        return Path(ref) if ref.endswith(".json") else self.stage_dir(ref) / "factors.json"
+
     def rope_for(self, stage: StageConfig, cfg: Config) -> RopeConfig:
-        """The stage's RoPE: a factor file of an earlier search, or ``method`` over the model's base."""
+        """The stage's RoPE: a factor file (of an earlier search), or ``method`` over the model's base.
+        A method that needs ``factor`` and leaves it out gets target_length / window."""
         if stage.factors:
-            return RopeConfig.from_hf(json.loads((self.stage_dir(stage.factors) / "factors.json").read_text()))
+            return RopeConfig.from_hf(json.loads(self.factor_file(stage.factors).read_text()))
         method = {**cfg.method, **stage.method}
-        if method.get("rope_type", "default") == "default" and len(method) <= 1:
+        rope_type = method.get("rope_type", "default")
+        if rope_type == "default" and len(method) <= 1:
             return self.base_rope
+        if stage.target_length and "factor" not in method and rope_type in METHODS \
+                and "factor" in METHODS[rope_type].required:
+            method["factor"] = stage.target_length / self.window
         values: dict[str, Any] = {
             "head_dim": self.base_rope.head_dim,
             "rope_theta": self.base_rope.rope_theta,
@@ -130,6 +144,10 @@ class Pipeline:
                 self.rope_for(stage, cfg)
             if stage.kind == "train":
                 self.train_samples(stage, cfg)
+            if stage.kind == "search" and cfg.search.short:
+                self._short_length(stage)
+                if not stage.factors:
+                    self._long_factors(stage)
 
     def run(self) -> dict:
         start = time.monotonic()
@@ -174,7 +192,12 @@ class Pipeline:
         rope = self.rope_for(stage, cfg)
         seq_len = stage.target_length or cfg.data.seq_len
         samples = self.train_samples(stage, cfg)
-        engine = self._engine(stage, cfg, rope, train_steps=cfg.train.steps)
+        steps = cfg.train.steps
+        if cfg.train.epochs:
+            steps = cfg.train.epochs * (len(samples) // cfg.train.global_batch_size)
+            log.info("%s: %d epochs of %d samples at batch %d = %d steps", stage.name, cfg.train.epochs,
+                     len(samples), cfg.train.global_batch_size, steps)
+        engine = self._engine(stage, cfg, rope, train_steps=steps)
         per_rank = cfg.train.global_batch_size // engine.dp_size
         batches = DataIterator(samples, per_rank, seed=cfg.train.seed, dp_rank=engine.dp_rank, dp_size=engine.dp_size)
         ckpt_root = self.stage_dir(stage.name) / "checkpoints"
@@ -191,7 +214,7 @@ class Pipeline:
         with checkpoint.StopSignal() as stop:
             started = time.monotonic()
             first = step
-            while step < cfg.train.steps:
+            while step < steps:
                 batch = next(batches)
                 micro = [{k: v[i : i + mbs] for k, v in batch.items() if k != "cu_seqlens"}
                          for i in range(0, per_rank, mbs)]
@@ -202,11 +225,11 @@ class Pipeline:
                 rate = tokens_per_step * (step - first) / max(elapsed, 1e-9)
                 self.metrics.write({"stage": stage.name, "step": step, "loss": loss, "lr": engine.lr,
                                     "grad_norm": out["grad_norm"], "tokens_per_s": rate})
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    eta = (cfg.train.steps - step) * elapsed / (step - first)
+                if step % cfg.train.log_every == 0 or step == steps:
+                    eta = (steps - step) * elapsed / (step - first)
                     log.info("%s step %d/%d loss %.4f lr %.2e %.0f tok/s eta %.0fs", stage.name, step,
-                             cfg.train.steps, loss, engine.lr, rate, eta)
-                final = step == cfg.train.steps
+                             steps, loss, engine.lr, rate, eta)
+                final = step == steps
                 stopping = stop.requested()
                 if final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                     checkpoint.save(engine, ckpt_root, step, {"data": batches.state_dict()}, keep=cfg.checkpoint.keep)
@@ -243,31 +266,64 @@ class Pipeline:
         return {"kind": "eval", "ppl": table, "passkey": passkey, "rope": rope.to_dict()}
 
     def _search(self, stage: StageConfig, cfg: Config) -> dict:
-        from megarope.run.engine import lm_sample
-        from megarope.search.distributed import score_distributed
-        from megarope.search.evolution import LongRopeSearch, SearchConfig, to_rope_config, write_factor_file
-        from megarope.search.plots import plot_search
+        from megarope.search.evolution import SearchConfig, to_rope_config
 
+        s = cfg.search
+        knobs = dict(population=s.population, iterations=s.iterations, mutations=s.mutations,
+                     crossovers=s.crossovers, topk=s.topk, mutation_prob=s.mutation_prob,
+                     lambda_max_ratio=s.lambda_max_ratio, lambda_step=s.lambda_step, seeds=tuple(s.seeds),
+                     seed=s.seed, fitness_chunk=s.fitness_chunk)
+        if s.short:
+            # paper §3.3: the long factors and n̂ stay; short_factor is searched where transformers
+            # uses it (inputs up to the original window), with a lower maximum λ
+            long_rc = self.rope_for(stage, cfg) if stage.factors else self._long_factors(stage)
+            search_cfg = SearchConfig.for_rope(long_rc, s.short_scale, n_hat_candidates=(long_rc.n_hat,), **knobs)
+            return self._run_search(stage, cfg, search_cfg, long_rc, self._short_length(stage),
+                                    lambda candidate: long_rc.replace(short_factor=candidate.factors),
+                                    {"short": True, "short_scale": s.short_scale})
         if not stage.target_length:
             raise ConfigError(f"stages.{stage.name}.target_length: a search stage needs its target length")
         base = self.rope_for(stage, cfg) if (stage.method or stage.factors) else self.base_rope
         scale = stage.target_length / self.window
-        s = cfg.search
         search_cfg = SearchConfig.for_rope(
             base.replace(rope_type="default", max_position_embeddings=self.window) if base.rope_type != "longrope"
-            else base, scale,
-            population=s.population, iterations=s.iterations, mutations=s.mutations, crossovers=s.crossovers,
-            topk=s.topk, mutation_prob=s.mutation_prob, lambda_max_ratio=s.lambda_max_ratio,
-            lambda_step=s.lambda_step, seeds=tuple(s.seeds), n_hat_candidates=tuple(s.n_hat_candidates),
-            seed=s.seed, fitness_chunk=s.fitness_chunk)
-        engine = self._engine(stage, cfg, base)
-        rows = eval_documents(load_documents(cfg.data, "eval"), self.tokenizer, stage.target_length + 1, s.num_docs,
+            else base, scale, n_hat_candidates=tuple(s.n_hat_candidates), **knobs)
+        model_base = self.base_rope
+        return self._run_search(stage, cfg, search_cfg, base, stage.target_length,
+                                lambda candidate: to_rope_config(candidate, model_base, scale), {"short": False})
+
+    def _short_length(self, stage: StageConfig) -> int:
+        length = stage.target_length or self.window
+        if length > self.window:
+            raise ConfigError(f"stages.{stage.name}.target_length: a short search (search.short) scores short factors "
+                              f"at the original window {self.window} or below, got {length}; longer inputs use the "
+                              "long factors")
+        return length
+
+    def _long_factors(self, stage: StageConfig) -> RopeConfig:
+        """The model's own LongRoPE configuration, for a short search without ``factors``."""
+        if self.base_rope.rope_type != "longrope":
+            raise ConfigError(f"stages.{stage.name}.factors: a short search (search.short) keeps the long factors of "
+                              "an earlier search stage or factor file, or of a LongRoPE model (model.path), but the "
+                              f"model's RoPE is {self.base_rope.rope_type!r}")
+        return self.base_rope
+
+    def _run_search(self, stage: StageConfig, cfg: Config, search_cfg, start_rope: RopeConfig, length: int,
+                    rope_of, extra: dict) -> dict:
+        """Search with fitness = perplexity at ``length`` of ``rope_of(candidate)``; write the best
+        as ``factors.json`` and the plots."""
+        from megarope.run.engine import lm_sample
+        from megarope.search.distributed import score_distributed
+        from megarope.search.evolution import LongRopeSearch, write_factor_file
+        from megarope.search.plots import plot_search
+
+        engine = self._engine(stage, cfg, start_rope)
+        rows = eval_documents(load_documents(cfg.data, "eval"), self.tokenizer, length + 1, cfg.search.num_docs,
                               cfg.data.text_key)
         samples = [lm_sample(row) for row in rows]
-        model_base = self.base_rope
 
         def score_one(candidate):
-            engine.set_rope(to_rope_config(candidate, model_base, scale))
+            engine.set_rope(rope_of(candidate))
             return engine.perplexity(samples, split_over_dp=False)
 
         def fitness(candidates):
@@ -277,19 +333,19 @@ class Pipeline:
         def record(result):
             last = result.history[-1]
             self.metrics.write({"stage": "search", "run_stage": stage.name, "generation": last["generation"],
-                                "best_ppl": last["best_ppl"], "mean_ppl": last["mean_ppl"]})
+                                "best_ppl": last["best_ppl"], "mean_ppl": last["mean_ppl"], "length": length})
 
         out_dir = self.stage_dir(stage.name)
         search = LongRopeSearch(search_cfg, fitness, state_path=out_dir / "search_state.json", on_generation=record)
         result = search.run()
-        rope = to_rope_config(result.best, model_base, scale)
+        rope = rope_of(result.best)
         if is_rank0():
-            write_factor_file(out_dir / "factors.json", rope,
-                              {"ppl": result.best_ppl, "generation": result.generation, "target_length": stage.target_length})
+            write_factor_file(out_dir / "factors.json", rope, {"ppl": result.best_ppl, "generation": result.generation,
+                                                               "target_length": length, **extra})
             plot_search(result, search_cfg, out_dir / "plots")
         _barrier()
-        return {"kind": "search", "best_ppl": result.best_ppl, "n_hat": result.best.n_hat,
-                "factors": list(result.best.factors)}
+        return {"kind": "search", "best_ppl": result.best_ppl, "length": length, "n_hat": result.best.n_hat,
+                "factors": list(result.best.factors), **extra}
 
     def _export(self, stage: StageConfig, cfg: Config) -> dict:
         from megarope.hf.convert import _hf_config, to_hf
@@ -298,7 +354,8 @@ class Pipeline:
         engine = self._engine(stage, cfg, rope)
         hf_config = _hf_config(cfg.model.path) if cfg.model.path else self._tiny_hf_config(cfg)
         if is_rank0():
-            to_hf(engine.model, self.stage_dir(stage.name) / "model", hf_config, rope)
+            folder = to_hf(engine.model, self.stage_dir(stage.name) / "model", hf_config, rope)
+            self.tokenizer.save_pretrained(folder)  # a complete folder: later runs load it as model.path
         _barrier()
         return {"kind": "export", "path": str(self.stage_dir(stage.name) / "model"), "rope": rope.to_dict()}
 

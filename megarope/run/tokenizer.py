@@ -37,6 +37,26 @@ class ByteTokenizer:
         # Special ids carry no text; a cut through a multi-byte character decodes to U+FFFD.
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
+    def save_pretrained(self, path: Union[str, os.PathLike]) -> None:
+        """An equivalent ``transformers`` tokenizer in ``path`` (same ids), so that an exported tiny
+        model is a complete Hugging Face folder: a byte-level BPE without merges whose vocabulary
+        lists the bytes in id order, then the three special tokens."""
+        from tokenizers import Tokenizer as RawTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        # GPT-2's printable stand-ins for the 256 bytes, which byte-level BPE vocabularies spell tokens with
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        others = [b for b in range(256) if b not in printable]
+        char = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+        specials = ["<|bos|>", "<|eos|>", "<|pad|>"]  # ids 256-258, names no source text is likely to hold
+        vocab = {char[b]: b for b in range(256)} | {name: 256 + i for i, name in enumerate(specials)}
+        raw = RawTokenizer(models.BPE(vocab=vocab, merges=[]))
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        raw.decoder = decoders.ByteLevel()
+        PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=specials[0], eos_token=specials[1],
+                                pad_token=specials[2]).save_pretrained(path)
+
 
 class HFTokenizer:
     """A ``transformers`` tokenizer reduced to the same interface; ``hf`` is the wrapped object."""
@@ -61,6 +81,9 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save_pretrained(self, path: Union[str, os.PathLike]) -> None:
+        self.hf.save_pretrained(path)
 
 
 Tokenizer = Union[ByteTokenizer, HFTokenizer]

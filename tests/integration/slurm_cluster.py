@@ -199,8 +199,13 @@ class SlurmCluster:
 
     def job(self, job_id: str) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, Restarts, StdOut, ExitCode, ...)."""
-        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", out))
+        # under heavy load scontrol now and then dies of SIGPIPE on its own socket: ask again
+        for _ in range(5):
+            out = self.run("scontrol", "show", "job", "-o", job_id, check=False)
+            if out.returncode == 0:
+                return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+            time.sleep(0.5)
+        raise RuntimeError(f"scontrol show job {job_id} failed: {out.returncode} {out.stderr}")
 
     def wait_for(self, job_id: str, state: str, timeout: float = 60, restarts: int | None = None
                  ) -> dict[str, str]:

@@ -96,3 +96,62 @@ def test_launcher_refuses_to_run_outside_a_job():
     out = subprocess.run(["bash", str(REPO / "slurm" / "launch.sh"), "tiny"], env=env,
                          capture_output=True, text=True)
     assert out.returncode != 0 and "must run inside a SLURM job" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# The real CLI: the tiny version of longrope_2048k on two nodes (gloo, one CPU rank per node).
+
+TINY_2048K = ["+recipe/tiny_overrides=longrope_2048k", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """The tiny stand-in for a Hugging Face checkpoint (recipe=tiny_base, a short pre-training)."""
+    run_dir = tmp_path_factory.mktemp("tiny_base") / "run"
+    proc = subprocess.run([sys.executable, "-m", "megarope", "recipe=tiny_base", f"run.dir={run_dir}",
+                           "train.steps=10"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir / "stages" / "export" / "model"
+
+
+@pytest.fixture
+def launch_megarope(slurm_cluster, runs, tmp_path, tiny_checkpoint):
+    env = {"MEGAROPE_MODULE": "megarope", "MEGAROPE_PYTHON": sys.executable, "MEGAROPE_RUNS_DIR": str(runs),
+           "GPUS_PER_NODE": "1", "MEGAROPE_RDZV_PORT": str(free_port())}
+
+    def submit(*overrides: str) -> str:
+        return slurm_cluster.submit(
+            REPO / "slurm" / "longrope_2048k.sh", *TINY_2048K, f"model.path={tiny_checkpoint}", *overrides,
+            cwd=REPO, env=env, sbatch_args=["-N2", f"--output={tmp_path}/%x-%j.out"])
+
+    return submit
+
+
+def final_metrics(run_dir: Path) -> list[dict]:
+    from megarope.eval.metrics import read_metrics
+
+    return [{k: v for k, v in row.items() if k not in ("time", "tokens_per_s")}
+            for row in read_metrics(run_dir / "metrics.jsonl", dedupe=True)]
+
+
+@pytest.mark.slurm
+def test_longrope_2048k_tiny_on_two_nodes_requeued_equals_uninterrupted(slurm_cluster, launch_megarope, runs):
+    plain = launch_megarope()
+    slurm_cluster.wait_for(plain, "COMPLETED", timeout=900)
+    plain_dir = runs / f"longrope_2048k-{plain}"
+    assert (plain_dir / "summary.json").is_file(), slurm_cluster.output(plain)
+    assert (plain_dir / "stages/export/model/config.json").is_file()
+
+    job = launch_megarope()
+    run_dir = runs / f"longrope_2048k-{job}"
+    deadline = time.monotonic() + 900
+    # signal once the first fine-tuning stage has taken a step (both ranks are then in its loop)
+    while not any(r.get("stage") == "finetune_ft1" for r in final_metrics(run_dir)):
+        assert time.monotonic() < deadline, slurm_cluster.output(job)
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
+    info = slurm_cluster.wait_for(job, "COMPLETED", timeout=900, restarts=1)
+    log = slurm_cluster.output(job)
+    assert info["Restarts"] == "1" and f"requeueing job {job}" in log, log[-4000:]
+    assert "resumed finetune_ft1" in log or "finetune_ft1: already done" in log, log[-4000:]
+    assert final_metrics(run_dir) == final_metrics(plain_dir)

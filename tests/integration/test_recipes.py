@@ -1,0 +1,245 @@
+"""The extension recipes end to end on the tiny model, and the LongRoPE search through the CLI.
+
+One tiny model, pre-trained once per module (recipe=tiny_base: 128-token window, exported as a
+Hugging Face folder), stands in for the checkpoint every recipe needs: each recipe runs with its
+``recipes/tiny_overrides/<recipe>.yaml`` and ``model.path`` pointing at that folder, the same
+command line as docs/recipes.md gives. One search run at 8x (1024 tokens) serves three tests: the
+search against PI and YaRN, the reference for the killed-and-resumed search, and the export loaded
+by vanilla transformers.
+"""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TARGET = 1024  # 8x the tiny window
+SEARCH_KNOBS = [
+    "search.population=16", "search.iterations=3", "search.mutations=6", "search.crossovers=6", "search.topk=8",
+    "search.num_docs=2",
+    # n-hat has no transformers key: searching n-hat = 0 only keeps the export exactly equal in transformers
+    "search.n_hat_candidates=[0]",
+]
+SEARCH_STAGES = (
+    "stages=[{name: search, kind: search, target_length: %d},"
+    " {name: pi, kind: eval, target_length: %d, method: {rope_type: linear}},"
+    " {name: yarn, kind: eval, target_length: %d, method: {rope_type: yarn}},"
+    " {name: longrope, kind: eval, factors: search},"
+    " {name: export, kind: export, factors: search}]" % (TARGET, TARGET, TARGET)
+)
+
+
+def megarope_cmd(recipe, *overrides, run_dir):
+    return [sys.executable, "-m", "megarope", f"recipe={recipe}", f"run.dir={run_dir}", *overrides]
+
+
+def run_cli(recipe, *overrides, run_dir, timeout=600):
+    proc = subprocess.run(megarope_cmd(recipe, *overrides, run_dir=run_dir), capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_tiny_recipe(recipe, *overrides, run_dir):
+    return run_cli(recipe, f"+recipe/tiny_overrides={recipe}", *overrides, run_dir=run_dir)
+
+
+def done(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / "stages" / stage / "done.json").read_text())
+
+
+def write_chats(path: Path) -> Path:
+    """ShareGPT conversations from the built-in corpus (as docs/recipes.md writes them)."""
+    from megarope.run.data import builtin_corpus
+
+    with open(builtin_corpus()) as f, open(path, "w") as out:
+        for line in f:
+            doc = json.loads(line)
+            if len(doc["text"]) >= 1500:
+                turns = [{"from": "human", "value": f"Show me {doc['path']}."},
+                         {"from": "gpt", "value": doc["text"][:3000]}]
+                out.write(json.dumps({"conversations": turns}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("tiny_base") / "run"
+    run_cli("tiny_base", run_dir=run_dir)
+    return run_dir / "stages/export/model"
+
+
+@pytest.fixture(scope="module")
+def search_run(base_model, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("search") / "run"
+    run_cli("tiny", f"model.path={base_model}", SEARCH_STAGES, *SEARCH_KNOBS, f"eval.lengths=[128,{TARGET}]",
+            "eval.num_docs=2", run_dir=run_dir)
+    return run_dir
+
+
+def test_search_beats_pi_and_yarn_at_8x(search_run):
+    pi, yarn = done(search_run, "pi")["ppl"][str(TARGET)], done(search_run, "yarn")["ppl"][str(TARGET)]
+    longrope = done(search_run, "longrope")["ppl"][str(TARGET)]
+    search = done(search_run, "search")
+    print(f"ppl at {TARGET}: search {longrope:.4f}, PI {pi:.4f}, YaRN {yarn:.4f}")
+    assert longrope < pi and longrope < yarn
+    # the eval re-measures the searched factors on the same documents
+    assert longrope == pytest.approx(search["best_ppl"], rel=1e-9)
+    # the winner is the search's own: better than every seed (generation 0 holds PI, NTK and YaRN on the grid)
+    history = [json.loads(line) for line in (search_run / "metrics.jsonl").read_text().splitlines()]
+    generations = {r["generation"]: r["best_ppl"] for r in history if r.get("stage") == "search"}
+    assert generations[max(generations)] < generations[0]
+    assert {p.name for p in (search_run / "stages/search/plots").iterdir()} == {"search_history.png",
+                                                                                "search_factors.png"}
+
+
+def test_search_killed_mid_generation_resumes_to_the_same_factors(search_run, base_model, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ("tiny", f"model.path={base_model}",
+            "stages=[{name: search, kind: search, target_length: %d}]" % TARGET, *SEARCH_KNOBS)
+    state_path = run_dir / "stages/search/search_state.json"
+
+    def mid_generation():
+        # generation 0 ranked, the next one drawn and partly scored (the state is saved every 2 scores)
+        if not state_path.is_file():
+            return False
+        state = json.loads(state_path.read_text())
+        scored = {json.dumps(s[:2]) for s in state["scores"]}
+        return (state["generation"] >= 0 and state["pending"] is not None
+                and any(json.dumps(c) in scored for c in state["pending"]))
+
+    proc = subprocess.Popen(megarope_cmd(*args, "search.fitness_chunk=2", run_dir=run_dir), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not mid_generation():
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (run_dir / "stages/search/done.json").exists()
+    run_cli(*args, "search.fitness_chunk=2", run_dir=run_dir)
+    resumed = json.loads((run_dir / "stages/search/factors.json").read_text())
+    reference = json.loads((search_run / "stages/search/factors.json").read_text())
+    assert resumed["rope_parameters"] == reference["rope_parameters"]
+    assert resumed["megarope_search"]["ppl"] == reference["megarope_search"]["ppl"]
+
+
+def test_export_loads_in_transformers_as_longrope_with_the_same_perplexity(search_run):
+    from transformers import LlamaForCausalLM
+
+    from megarope.run.data import DataConfig, eval_documents, load_documents
+    from megarope.run.tokenizer import load_tokenizer
+
+    folder = search_run / "stages/export/model"
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    params = model.config.rope_parameters
+    assert params["rope_type"] == "longrope" and params["original_max_position_embeddings"] == 128
+    factors = json.loads((search_run / "stages/search/factors.json").read_text())["rope_parameters"]
+    assert params["long_factor"] == factors["long_factor"]
+    docs = load_documents(DataConfig(source="builtin"), "eval")
+    for length in (128, TARGET):  # short factors inside the original window, long ones past it
+        rows = eval_documents(docs, load_tokenizer(str(folder)), length + 1, 2)
+        with torch.no_grad():
+            logits = model(rows[:, :-1]).logits
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), rows[:, 1:].flatten())
+        megarope = done(search_run, "longrope")["ppl"][str(length)]
+        assert math.exp(nll.item()) == pytest.approx(megarope, rel=1e-3)
+
+
+@pytest.mark.parametrize("recipe", ["longrope_2048k", "entropy_abf_16k", "longrope_short_retune", "baselines"])
+def test_recipe_without_checkpoint_fails_naming_model_path(recipe):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from megarope.__main__ import CONFIG_DIR
+    from megarope.run.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"recipe={recipe}"])
+    with pytest.raises(Exception, match="model.path: required"):
+        OmegaConf.to_object(cfg)
+
+
+@pytest.mark.parametrize("stage, field", [
+    ({"name": "short", "kind": "search", "overrides": {"search": {"short": True}}}, "stages.short.factors"),
+    ({"name": "short", "kind": "search", "target_length": 256, "overrides": {"search": {"short": True}}},
+     "stages.short.target_length"),
+], ids=["no-long-factors", "past-the-window"])
+def test_short_search_bad_input_fails_before_running(tmp_path, stage, field):
+    from megarope.run.config import Config, ConfigError, RunConfig, StageConfig
+    from megarope.run.pipeline import Pipeline
+
+    cfg = Config(run=RunConfig(dir=str(tmp_path / "run")), stages=[StageConfig(**stage)])
+    with pytest.raises(ConfigError, match=field):
+        Pipeline(cfg).preflight()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def longrope_2048k(base_model, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("longrope_2048k") / "run"
+    run_tiny_recipe("longrope_2048k", f"model.path={base_model}", run_dir=run_dir)
+    return run_dir
+
+
+def test_longrope_2048k_tiny(longrope_2048k):
+    run_dir = longrope_2048k
+    for stage, length in [("search_ft1", 256), ("search_ft2", 512), ("search_final", 1024), ("search_short", 128)]:
+        assert done(run_dir, stage)["length"] == length
+        assert (run_dir / "stages" / stage / "plots/search_factors.png").is_file()
+    assert done(run_dir, "finetune_ft1")["steps"] == 2 and done(run_dir, "finetune_ft2")["steps"] == 2
+    # the 256k stage fine-tunes with the 256k factors, from the 128k fine-tune's weights
+    assert done(run_dir, "finetune_ft2")["rope"]["max_position_embeddings"] == 512
+    final = json.loads((run_dir / "stages/search_final/factors.json").read_text())["rope_parameters"]
+    short = json.loads((run_dir / "stages/search_short/factors.json").read_text())
+    assert short["rope_parameters"]["long_factor"] == final["long_factor"]
+    assert max(short["rope_parameters"]["short_factor"]) <= 2.5  # lambda_max_ratio 1.25 x short_scale 2
+    assert short["megarope_search"]["short"] is True
+    config = json.loads((run_dir / "stages/export/model/config.json").read_text())
+    assert config["rope_parameters"]["short_factor"] == short["rope_parameters"]["short_factor"]
+    assert config["max_position_embeddings"] == 1024
+
+
+def test_longrope_short_retune_tiny(longrope_2048k, tmp_path):
+    model = longrope_2048k / "stages/export/model"
+    run_dir = tmp_path / "run"
+    run_tiny_recipe("longrope_short_retune", f"model.path={model}", run_dir=run_dir)
+    search = done(run_dir, "search_short")
+    assert search["short"] is True and search["length"] == 128
+    factors = json.loads((run_dir / "stages/search_short/factors.json").read_text())["rope_parameters"]
+    original = json.loads((model / "config.json").read_text())["rope_parameters"]
+    assert factors["long_factor"] == original["long_factor"]
+    assert done(run_dir, "retuned")["ppl"]["128"] == pytest.approx(search["best_ppl"], rel=1e-9)
+    assert (run_dir / "stages/export/model/config.json").is_file() and (run_dir / "report.md").is_file()
+
+
+def test_entropy_abf_16k_tiny(base_model, tmp_path):
+    chats = write_chats(tmp_path / "chats.jsonl")
+    run_dir = tmp_path / "run"
+    run_tiny_recipe("entropy_abf_16k", f"model.path={base_model}", f"data.source={chats}", run_dir=run_dir)
+    assert done(run_dir, "finetune")["steps"] == 4  # 2 epochs x (8 conversations // batch 4)
+    evaluation = done(run_dir, "eval")
+    assert set(evaluation["ppl"]) == {"128", "1024"} and evaluation["rope"]["rope_type"] == "eabf"
+    config = json.loads((run_dir / "stages/export/model/config.json").read_text())
+    assert config["rope_theta"] == pytest.approx(500000.0) and config["megarope"]["rope_type"] == "eabf"
+
+
+def test_baselines_tiny(base_model, tmp_path):
+    run_dir = tmp_path / "run"
+    run_tiny_recipe("baselines", f"model.path={base_model}", run_dir=run_dir)
+    for method in ("pi", "ntk", "yarn", "abf", "longrope"):
+        assert done(run_dir, f"finetune_{method}")["steps"] == 2
+        assert math.isfinite(done(run_dir, method)["ppl"]["1024"])
+    assert done(run_dir, "pi")["rope"]["factor"] == 8.0
+    report = (run_dir / "report.md").read_text()
+    assert all(name in report for name in ("pi", "ntk", "yarn", "abf", "longrope"))
