@@ -48,7 +48,6 @@ def main() -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from megarope.rope.config import RopeConfigError
     from megarope.run.checkpoint import Interrupted
     from megarope.run.config import ConfigError, register_configs
 
@@ -67,7 +66,7 @@ def main() -> None:
         except Interrupted as stop:
             log.warning("%s; resume by running the same command (same run.dir)", stop)
             sys.exit(stop.exit_code)
-        except (ConfigError, RopeConfigError, ValueError, FileNotFoundError, KeyError) as err:
+        except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:  # RopeConfigError is a ValueError
             log.error("error: %s", err)
             sys.exit(2)
         finally:

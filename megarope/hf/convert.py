@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
-def _hf_config(path: str | os.PathLike):
+def read_hf_config(path: str | os.PathLike):
     from transformers import AutoConfig
 
     path = Path(path)
@@ -83,7 +83,7 @@ def _parallel_sizes() -> tuple[int, int, int]:
     )
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"model.path: no *.safetensors files in {path}")
@@ -103,23 +103,29 @@ def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **config_ov
     from megatron.core import parallel_state
 
     from megarope.mcore import parallel
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel.initialize()
+    model = build_from_hf(path, rope, **config_overrides)
+    model.eval()
+    return model
+
+
+def build_from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **config_overrides):
+    """``from_hf`` under an already initialised parallel state (the training engine's path)."""
     from megarope.mcore.spec import gpt_model
 
     path = Path(path)
-    config = _hf_config(path)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel.initialize()
+    config = read_hf_config(path)
     rope = rope or rope_from_hf_config(config)
-    tconfig = transformer_config_from_hf(config, **config_overrides)
     model = gpt_model(
-        tconfig,
+        transformer_config_from_hf(config, **config_overrides),
         rope,
         vocab_size=config.vocab_size,
         max_sequence_length=config.max_position_embeddings,
         share_embeddings_and_output_weights=bool(config.tie_word_embeddings),
     )
-    load_hf_weights(model, _load_weights(path), config)
-    model.eval()
+    load_hf_weights(model, read_hf_weights(path), config)
     return model
 
 

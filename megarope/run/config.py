@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from megarope.run.data import DataConfig
+from megarope.search.evolution import PAPER_N_HAT, SEED_METHODS, SearchConfig
 
 
 @dataclass
@@ -79,23 +80,26 @@ class RunConfig:
     log_level: str = "INFO"
 
 
+_PAPER = SearchConfig  # the paper's defaults live on megarope.search.evolution.SearchConfig
+
+
 @dataclass
 class SearchStageConfig:
-    """LongRoPE search knobs (megarope.search.evolution.SearchConfig, paper defaults)."""
+    """LongRoPE search knobs of a run; defaults are SearchConfig's (the paper's, Table 4)."""
 
-    population: int = 64
-    iterations: int = 40
-    mutations: int = 16
-    crossovers: int = 16
-    topk: int = 32
-    mutation_prob: float = 0.3
-    lambda_max_ratio: float = 1.25
-    lambda_step: float = 0.01
-    seeds: List[str] = field(default_factory=lambda: ["pi", "ntk", "yarn"])
-    n_hat_candidates: List[int] = field(default_factory=lambda: [0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256])
-    seed: int = 0
+    population: int = _PAPER.population
+    iterations: int = _PAPER.iterations
+    mutations: int = _PAPER.mutations
+    crossovers: int = _PAPER.crossovers
+    topk: int = _PAPER.topk
+    mutation_prob: float = _PAPER.mutation_prob
+    lambda_max_ratio: float = _PAPER.lambda_max_ratio
+    lambda_step: float = _PAPER.lambda_step
+    seeds: List[str] = field(default_factory=lambda: list(SEED_METHODS))
+    n_hat_candidates: List[int] = field(default_factory=lambda: list(PAPER_N_HAT))
+    seed: int = _PAPER.seed
     num_docs: int = 4  # documents of the target length scored per candidate
-    fitness_chunk: int = 0
+    fitness_chunk: int = _PAPER.fitness_chunk
     # short-context re-search (paper §3.3): searches `short_factor` at the original window, keeping the
     # long_factor and n̂ of the stage's `factors` (or of a LongRoPE model); seeds PI/NTK/YaRN at
     # `short_scale`, λ in [1, lambda_max_ratio * short_scale] (a lower maximum than the long search's)

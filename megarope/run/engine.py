@@ -47,17 +47,9 @@ def build_model(cfg: Config, rope: RopeConfig, vocab_size: int):
     precision = dict(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16) if use_bf16(cfg) else \
         dict(params_dtype=torch.float32, pipeline_dtype=torch.float32)
     if cfg.model.path:
-        from megarope.hf.convert import _hf_config, _load_weights, load_hf_weights, transformer_config_from_hf
+        from megarope.hf.convert import build_from_hf
 
-        hf_config = _hf_config(cfg.model.path)
-        tconfig = transformer_config_from_hf(hf_config, sequence_parallel=p.sp, **precision)
-        model = gpt_model(tconfig, rope, vocab_size=hf_config.vocab_size,
-                          max_sequence_length=hf_config.max_position_embeddings,
-                          share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings))
-        from pathlib import Path
-
-        load_hf_weights(model, _load_weights(Path(cfg.model.path)), hf_config)
-        return model
+        return build_from_hf(cfg.model.path, rope, sequence_parallel=p.sp, **precision)
     m = cfg.model
     tconfig = transformer_config(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,

@@ -63,9 +63,9 @@ class Pipeline:
     def _base_rope(self) -> RopeConfig:
         """The model's own RoPE (checkpoint config.json, or the tiny model's plain RoPE)."""
         if self.cfg.model.path:
-            from megarope.hf.convert import _hf_config, rope_from_hf_config
+            from megarope.hf.convert import read_hf_config, rope_from_hf_config
 
-            return rope_from_hf_config(_hf_config(self.cfg.model.path))
+            return rope_from_hf_config(read_hf_config(self.cfg.model.path))
         m = self.cfg.model
         return RopeConfig(head_dim=m.hidden_size // m.num_attention_heads, rope_theta=m.rope_theta,
                           max_position_embeddings=m.window)
@@ -348,11 +348,11 @@ class Pipeline:
                 "factors": list(result.best.factors), **extra}
 
     def _export(self, stage: StageConfig, cfg: Config) -> dict:
-        from megarope.hf.convert import _hf_config, to_hf
+        from megarope.hf.convert import read_hf_config, to_hf
 
         rope = self.rope_for(stage, cfg)
         engine = self._engine(stage, cfg, rope)
-        hf_config = _hf_config(cfg.model.path) if cfg.model.path else self._tiny_hf_config(cfg)
+        hf_config = read_hf_config(cfg.model.path) if cfg.model.path else self._tiny_hf_config(cfg)
         if is_rank0():
             folder = to_hf(engine.model, self.stage_dir(stage.name) / "model", hf_config, rope)
             self.tokenizer.save_pretrained(folder)  # a complete folder: later runs load it as model.path

@@ -60,12 +60,11 @@ RESUMABLE_CHANGES = ("iterations", "fitness_chunk")
 SEARCH_KEY = "megarope_search"
 
 
-class SearchConfigError(ValueError):
+class SearchConfigError(RopeConfigError):
     """Invalid search setting; the message starts with ``search.<field>``."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(f"search.{field}: {message}")
-        self.field = field
+        super().__init__(f"search.{field}", message)
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,7 @@ def test_defaults_are_the_papers():
 def test_validation_names_the_field(overrides, field, text):
     with pytest.raises(SearchConfigError, match=f"^search.{field}:") as err:
         small(**overrides)
-    assert err.value.field == field and text in str(err.value)
+    assert err.value.field == f"search.{field}" and text in str(err.value)
 
 
 def test_config_dict_round_trip_and_for_rope():
