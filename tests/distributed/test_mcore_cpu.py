@@ -255,7 +255,8 @@ def _reshard_via_tp2(ckpt_dir: str, full_path: str, tp2_dir: str):
             assert torch.equal(param.detach(), expected), name
         dist_checkpointing.save(gpt.sharded_state_dict(), tp2_dir)
     finally:
-        parallel.destroy()
+        # keep the process group: re-creating it at once on the same port races (gloo "connection refused")
+        parallel_state.destroy_model_parallel()
 
     parallel.initialize(tp=1)
     try:
