@@ -262,7 +262,7 @@ class Pipeline:
                 accuracy = sum(scored[i, 2].item() == 0 for i in idx) / len(idx)
                 passkey[f"{length}@{depth}"] = accuracy
                 self.metrics.write({"stage": "passkey", "run_stage": stage.name, "method": stage.name,
-                                    "length": length, "depth": depth, "accuracy": accuracy})
+                                    "length": length, "depth": depth, "accuracy": accuracy, "num_samples": len(idx)})
         return {"kind": "eval", "ppl": table, "passkey": passkey, "rope": rope.to_dict()}
 
     def _search(self, stage: StageConfig, cfg: Config) -> dict:
