@@ -23,7 +23,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 from megarope.eval.metrics import METRICS_FILE, read_metrics, row_kind
 from megarope.rope.config import RopeConfig
 from megarope.rope.methods import base_inv_freq
-from megarope.search.evolution import atomic_output
+from megarope.atomic import atomic_output
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"

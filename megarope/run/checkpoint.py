@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megarope.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -35,14 +37,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp) as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict:

@@ -31,6 +31,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from megarope.atomic import atomic_output
 from megarope.run.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 FORMATS = ("text", "json", "parquet")
@@ -105,14 +106,12 @@ def builtin_corpus(cache_dir: Optional[str] = None) -> str:
         dirs[:] = [d for d in dirs if d not in _BUILTIN_EXCLUDED_DIRS]  # prune: site-packages is huge
         rel = os.path.relpath(folder, root)
         files += [Path(rel, n).as_posix() if rel != "." else n for n in names if n.endswith(".py")]
-    # Unique temp name + atomic rename: several ranks may build it at once.
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    # several ranks may build it at once: each writes its own temp file, renamed atomically
+    with atomic_output(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rel in sorted(files):
             text = Path(root, rel).read_text(encoding="utf-8", errors="replace")
             if text.strip():
                 f.write(json.dumps({"path": rel, "text": text}) + "\n")
-    os.replace(tmp, out)
     return str(out)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from megarope.atomic import atomic_write_text
 from megarope.rope.config import RopeConfig, RopeConfigError
 from megarope.rope.methods import METHODS
 from megarope.run import checkpoint
@@ -117,7 +118,7 @@ class Pipeline:
 
     def _mark_done(self, stage: StageConfig, info: dict) -> None:
         if is_rank0():
-            checkpoint.atomic_write_text(self.stage_dir(stage.name) / "done.json", json.dumps(info, indent=2) + "\n")
+            atomic_write_text(self.stage_dir(stage.name) / "done.json", json.dumps(info, indent=2) + "\n")
         _barrier()
 
     # ------------------------------------------------------------------------- running
@@ -155,7 +156,7 @@ class Pipeline:
         if is_rank0():
             self.dir.mkdir(parents=True, exist_ok=True)
             config = OmegaConf.to_yaml(OmegaConf.structured(self.cfg))
-            checkpoint.atomic_write_text(self.dir / "config.yaml", config)
+            atomic_write_text(self.dir / "config.yaml", config)
         log.info("run.dir = %s", self.dir)
         results = {}
         for i, stage in enumerate(self.cfg.stages):
@@ -173,7 +174,7 @@ class Pipeline:
         summary = {"recipe": self.cfg.recipe, "run_dir": str(self.dir), "stages": results,
                    "elapsed_s": round(time.monotonic() - start, 2)}
         if is_rank0():
-            checkpoint.atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
     def _engine(self, stage: StageConfig, cfg: Config, rope: RopeConfig, train_steps: int | None = None):
@@ -269,10 +270,9 @@ class Pipeline:
         from megarope.search.evolution import SearchConfig, to_rope_config
 
         s = cfg.search
-        knobs = dict(population=s.population, iterations=s.iterations, mutations=s.mutations,
-                     crossovers=s.crossovers, topk=s.topk, mutation_prob=s.mutation_prob,
-                     lambda_max_ratio=s.lambda_max_ratio, lambda_step=s.lambda_step, seeds=tuple(s.seeds),
-                     seed=s.seed, fitness_chunk=s.fitness_chunk)
+        # the run's search knobs that SearchConfig shares (n̂ candidates depend on the kind of search)
+        shared = {f.name for f in fields(SearchConfig)} - {"n_hat_candidates"}
+        knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in asdict(s).items() if k in shared}
         if s.short:
             # paper §3.3: the long factors and n̂ stay; short_factor is searched where transformers
             # uses it (inputs up to the original window), with a lower maximum λ

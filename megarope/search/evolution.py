@@ -17,7 +17,6 @@ default and the code's is a setting: λ in [1, 1.25·s] (code: [1, 1+s], i.e.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -25,10 +24,10 @@ import math
 import os
 import random
 import time
-import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Container, Iterator, Sequence
+from typing import Any, Callable, Container, Sequence
 
+from megarope.atomic import atomic_write_text
 from megarope.rope.config import RopeConfig, RopeConfigError
 from megarope.search.distributed import is_main_rank
 
@@ -38,7 +37,6 @@ __all__ = [
     "SearchConfig",
     "SearchConfigError",
     "SearchResult",
-    "atomic_output",
     "crossover",
     "is_valid",
     "mutate",
@@ -563,34 +561,6 @@ def _hms(seconds: float) -> str:
 
 
 # --------------------------------------------------------------------------------- outputs
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path beside ``path``, renamed onto it (``os.replace``, atomic on POSIX)
-    when the block succeeds: a reader or a requeued job sees the old file or the new one, never a
-    partial one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # unique per process and call (ranks or threads may write the same file), created by the
-    # writer itself so that it gets the usual umask permissions, unlike mkstemp's 0600
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_output(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not land before the data after a node crash
-
-
 def to_rope_config(
     candidate: Candidate, base_rc: RopeConfig, scale: float, short_factor: Sequence[float] | None = None
 ) -> RopeConfig:

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from megarope.search.evolution import SEED_METHODS, Candidate, SearchConfig, SearchResult, atomic_output, seed_factors
+from megarope.atomic import atomic_output
+from megarope.search.evolution import SEED_METHODS, Candidate, SearchConfig, SearchResult, seed_factors
 
 __all__ = ["plot_factors", "plot_history", "plot_search"]
 
