@@ -63,7 +63,9 @@ def format_table(
 ) -> str:
     """Pivot ``rows`` to a table: one line per ``row_key`` value (first-seen order), one column per
     ``col_key`` value (sorted), cells the mean of ``value_key`` over the rows that share both.
-    ``best``: "min" or "max" marks each column's best finite cell (bold in markdown, ``*`` in text).
+    ``best``: "min" or "max" marks each column's best finite cell (bold in markdown, ``*`` in text),
+    only where it means something: at least two finite cells and exactly one showing the best value
+    as printed (all methods at 0.00 passkey accuracy, or a tie, mark nothing).
     Plain text (for the console) unless ``markdown``; ``row_header`` names the first column
     (default: ``row_key``)."""
     if best not in (None, "min", "max"):
@@ -79,10 +81,14 @@ def format_table(
     if best is not None:
         pick = min if best == "min" else max
         for col in columns:
-            finite = [values[(n, col)] for n in names if math.isfinite(values.get((n, col), math.nan))]
-            if finite:
-                target = pick(finite)
-                marked |= {(n, col) for n in names if values.get((n, col)) == target}
+            finite = {n: values[(n, col)] for n in names if math.isfinite(values.get((n, col), math.nan))}
+            if len(finite) < 2:
+                continue
+            # ties judged on the printed text: 0.001 and 0.002 both read "0.00"
+            shown = fmt(pick(finite.values()))
+            winners = [n for n, v in finite.items() if fmt(v) == shown]
+            if len(winners) == 1:
+                marked.add((winners[0], col))
     header = [row_header or row_key] + [str(c) for c in columns]
     body = []
     for name in names:
@@ -237,19 +243,29 @@ def plot_passkey(passkeys: list[dict], path: str) -> str:
     return _save(fig, path)
 
 
-def plot_loss(train: list[dict], path: str) -> str:
-    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
-    ax = fig.add_subplot()
-    for stage in dict.fromkeys(r["stage"] for r in train):
+def loss_figure(train: list[dict]) -> Figure:
+    """One panel per training stage, each on its own step axis: a fine-tune's steps restart at 1,
+    so stages drawn on one axis would sit on the pre-training's first steps, hiding one another."""
+    stages = list(dict.fromkeys(r["stage"] for r in train))
+    ncols = min(len(stages), 3)
+    nrows = math.ceil(len(stages) / ncols)
+    fig = Figure(figsize=(3.6 * ncols, 2.8 * nrows + 0.4), layout="constrained")
+    fig.suptitle("Training loss per stage")
+    for i, stage in enumerate(stages):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
         points = sorted((r["step"], r["loss"]) for r in train if r["stage"] == stage)
-        ax.plot([s for s, _ in points], [v for _, v in points], linewidth=1, label=stage)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Training loss per stage")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return _save(fig, path)
+        ax.plot([s for s, _ in points], [v for _, v in points], linewidth=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(stage, fontsize="medium")
+        ax.set_xlabel("step")
+        if i % ncols == 0:
+            ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_loss(train: list[dict], path: str) -> str:
+    return _save(loss_figure(train), path)
 
 
 def plot_factors(factors: Mapping[str, np.ndarray], path: str) -> str:
@@ -383,7 +399,7 @@ def write_report(
         md += [f"No rows in `{METRICS_FILE}` yet.", ""]
     if evals:
         plot_ppl(evals, os.path.join(plots, PLOT_FILES["ppl"]), original_window)
-        md += ["## Perplexity", "", "Rows: methods; columns: sequence length in tokens; best per length in bold.", ""]
+        md += ["## Perplexity", "", "Rows: methods; columns: sequence length in tokens; a unique best per length in bold.", ""]
         table = format_table(evals, "label", "length", "ppl", best="min", markdown=True, row_header="method")
         md += [table, "", link("ppl", "perplexity vs length"), ""]
     if passkeys:

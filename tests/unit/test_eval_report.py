@@ -8,7 +8,7 @@ import torch
 
 from megarope.eval.metrics import METRICS_FILE, MetricsWriter, read_metrics
 from megarope.eval.passkey import accuracy_by_depth, passkey_correct, passkey_samples
-from megarope.eval.report import PLOT_FILES, format_table, rescale_factors, write_report
+from megarope.eval.report import PLOT_FILES, format_table, loss_figure, rescale_factors, write_report
 from megarope.rope.config import RopeConfig
 from megarope.run.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -236,8 +236,37 @@ def test_factors_and_console_table():
     ]
     lines = format_table(rows, best="min").splitlines()
     assert re.split(r"\s+", lines[0]) == ["method", "64", "128"]
-    assert re.split(r"\s+", lines[1]) == ["pi", "2.50*", "3.00"]
+    assert re.split(r"\s+", lines[1]) == ["pi", "2.50", "3.00"]  # alone at 64: nothing to be best against
     assert re.split(r"\s+", lines[2]) == ["yarn", "-", "2.00*"]
+
+
+def test_best_marked_only_when_unique():
+    rows = [
+        {"method": m, "length": n, "accuracy": acc}
+        for m, accs in (("pi", (0.0, 0.5, 0.25, 1.0)), ("yarn", (0.0, 0.5, 0.75, 0.998)), ("ntk", (0.0, 0.25, 0.5, 0.999)))
+        for n, acc in zip((64, 128, 256, 512), accs)
+    ]
+    table = format_table(rows, value_key="accuracy", best="max", markdown=True)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    # 64: all 0.00; 128: a tie; 256: yarn alone; 512: 1.00 for all three as printed (a tie on the page)
+    assert cells == [
+        ["pi", "0.00", "0.50", "0.25", "1.00"],
+        ["yarn", "0.00", "0.50", "**0.75**", "1.00"],
+        ["ntk", "0.00", "0.25", "0.50", "1.00"],
+    ]
+
+
+def test_loss_plot_one_panel_per_stage():
+    train = [{"stage": "pretrain", "step": s, "loss": 5.0 / s} for s in range(1, 151)]
+    train += [{"stage": st, "step": s, "loss": 2.0 + k - 0.01 * s} for k, st in enumerate(["finetune_abf", "finetune_eabf"])
+              for s in range(1, 11)]
+    fig = loss_figure(train)
+    assert [ax.get_title() for ax in fig.axes] == ["pretrain", "finetune_abf", "finetune_eabf"]
+    for ax, (first, last, count) in zip(fig.axes, [(1, 150, 150), (1, 10, 10), (1, 10, 10)]):
+        (line,) = ax.get_lines()
+        x = list(line.get_xdata())
+        assert (x[0], x[-1], len(x)) == (first, last, count)
+        assert ax.get_xlim()[1] < 2 * last  # each stage on its own step axis
 
 
 def test_report_stage_labels_and_sparse_rows(tmp_path):
