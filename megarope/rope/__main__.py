@@ -9,7 +9,8 @@ def default_methods() -> dict[str, RopeConfig]:
     common = {"head_dim": HEAD_DIM, "max_position_embeddings": WINDOW * SCALE}
     n = HEAD_DIM // 2
     return {
-        "default": RopeConfig(**common),
+        # the un-extended model: its window is the original 4k (dynamic below grows from the same 4k)
+        "default": RopeConfig(**{**common, "max_position_embeddings": WINDOW}),
         "linear (PI)": RopeConfig(rope_type="linear", factor=SCALE, **common),
         "ntk": RopeConfig(rope_type="ntk", factor=SCALE, **common),
         "dynamic": RopeConfig(rope_type="dynamic", factor=SCALE, **{**common, "max_position_embeddings": WINDOW}),
