@@ -1,7 +1,6 @@
 """The CLI end to end: config tree, bad input, and runs killed then resumed (bitwise on CPU)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -94,11 +93,10 @@ def _start(run_dir, *extra):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for(predicate, proc, timeout=240):
-    deadline = time.monotonic() + timeout
+def _wait_for(predicate, proc):
+    # ends when the run reaches the state or exits without it; a hang is pytest-timeout's
     while not predicate():
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
 
 
@@ -129,12 +127,13 @@ def test_sigkill_after_checkpoint_then_resume_is_bitwise_identical(tmp_path, uni
     assert not list((run_dir / "stages/train/checkpoints").glob("*.tmp"))
 
 
-def test_tiny_recipe_trains_and_evaluates_within_a_minute(tmp_path):
-    start = time.monotonic()
+def test_tiny_recipe_trains_and_evaluates(tmp_path):
     run_cli(run_dir=tmp_path / "run")
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    losses = [r["loss"] for r in rows if r.get("stage") == "train"]
-    assert losses[-1] < losses[0]
+    train = [r for r in rows if r.get("stage") == "train"]
+    # the work the smoke recipe stays small by: its 10 steps at batch 8 x 128 tokens, two eval lengths
+    assert [r["step"] for r in train] == list(range(1, 11))
+    assert train[-1]["loss"] < train[0]["loss"]
     evals = [r for r in rows if r.get("stage") == "eval"]
     assert sorted(r["length"] for r in evals) == [128, 256] and all(r["ppl"] > 1 for r in evals)
-    assert time.monotonic() - start < 60 * (2 if os.environ.get("CI") else 1.5)
+    assert all(r["num_docs"] == 2 for r in evals)

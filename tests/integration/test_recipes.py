@@ -118,10 +118,8 @@ def test_search_killed_mid_generation_resumes_to_the_same_factors(search_run, ba
 
     proc = subprocess.Popen(megarope_cmd(*args, "search.fitness_chunk=2", run_dir=run_dir), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while not mid_generation():
+    while not mid_generation():  # or the run ends without getting there; a hang is pytest-timeout's
         assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
