@@ -22,20 +22,29 @@ from typing import Any
 
 import torch
 
-from megarope.rope.methods import METHODS, base_inv_freq
+from megarope import fields
+from megarope.rope.methods import METHODS, Method, RopeConfigError, base_inv_freq, method_name
 from megarope.rope.positions import entropy_query_scale, reduced_angles
 
+__all__ = ["EXTRA_KEY", "RopeConfig", "RopeConfigError", "method_table"]
+
 EXTRA_KEY = "megarope"
-LEGACY_TYPES = {"su": "longrope"}
-EABF_LEGACY_BASE = 500_000.0
-
-
-class RopeConfigError(ValueError):
-    """Invalid RoPE configuration; the message starts with the offending field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+# transformers rope_parameters keys read into RopeConfig fields of the same name (and exported
+# back, per method, as its Method.hf_keys say)
+_HF_PASSTHROUGH = (
+    "factor",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+    "truncate",
+    "low_freq_factor",
+    "high_freq_factor",
+    "long_factor",
+    "short_factor",
+)
+# transformers key -> RopeConfig field, where the names differ
+_HF_FIELD = {"attention_factor": "attention_factor_override"}
 
 
 @dataclass(frozen=True)
@@ -74,12 +83,13 @@ class RopeConfig:
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(float(v) for v in value))
         self._validate()
-        if self.rope_type == "yarn" and self.factor is None:
-            # canonical form: transformers' yarn needs `factor` spelled out on export
-            object.__setattr__(self, "factor", self.scale)
+        if self.method.canonical is not None:
+            for name, value in self.method.canonical(self).items():
+                object.__setattr__(self, name, value)
 
     # ----------------------------------------------------------------------------- validation
     def _validate(self) -> None:
+        """Checks every method shares, then the method's own (``Method.validate``)."""
         if self.rope_type not in METHODS:
             raise RopeConfigError("rope_type", f"unknown method {self.rope_type!r}; known: {sorted(METHODS)}")
         _check_int(self.head_dim, "head_dim", minimum=1)
@@ -89,7 +99,7 @@ class RopeConfig:
             raise RopeConfigError(
                 "head_dim", f"rotary dim head_dim*partial_rotary_factor={self.rotary_dim} must be even and >= 2"
             )
-        for name in METHODS[self.rope_type].required:
+        for name in self.method.required:
             if getattr(self, name) is None:
                 raise RopeConfigError(name, f"required by rope_type {self.rope_type!r} but missing")
         if self.rope_theta <= 1:
@@ -111,24 +121,19 @@ class RopeConfig:
             if bad:
                 raise RopeConfigError(name, f"entries must be > 0, got {values[bad[0]]} at index {bad[0]}")
         _check_int(self.n_hat, "n_hat", minimum=0)
-        if self.n_hat and self.rope_type != "longrope":
-            raise RopeConfigError("n_hat", f"only used by rope_type 'longrope', got {self.rope_type!r}")
+        if self.n_hat and not self.method.n_hat:
+            users = " or ".join(repr(name) for name, method in METHODS.items() if method.n_hat)
+            raise RopeConfigError("n_hat", f"only used by rope_type {users}, got {self.rope_type!r}")
         _check_int(self.unscaled_layers, "unscaled_layers", minimum=0)
-        if self.rope_type in ("yarn", "longrope") and self.factor is None:
-            if self.max_position_embeddings is None:
-                raise RopeConfigError("factor", f"rope_type {self.rope_type!r} needs factor or max_position_embeddings")
-            if self.max_position_embeddings <= self.original_max_position_embeddings:
-                raise RopeConfigError(
-                    "original_max_position_embeddings",
-                    f"original window {self.original_max_position_embeddings} must be smaller than the target "
-                    f"length max_position_embeddings={self.max_position_embeddings}",
-                )
-        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            raise RopeConfigError("high_freq_factor", "must be greater than low_freq_factor")
-        if self.rope_type == "eabf" and self.original_max_position_embeddings < 2:
-            raise RopeConfigError("original_max_position_embeddings", "must be >= 2 (log of the window)")
+        if self.method.validate is not None:
+            self.method.validate(self)
 
     # ----------------------------------------------------------------------------- derived values
+    @property
+    def method(self) -> Method:
+        """The registry record of ``rope_type``."""
+        return METHODS[self.rope_type]
+
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
@@ -142,11 +147,11 @@ class RopeConfig:
 
     def inv_freq(self, seq_len: int | None = None) -> torch.Tensor:
         """float64 [rotary_dim // 2]; ``seq_len`` selects LongRoPE's long/short set and dynamic NTK's base."""
-        return METHODS[self.rope_type].init(self, seq_len)[0]
+        return self.method.init(self, seq_len)[0]
 
     def attention_factor(self, seq_len: int | None = None) -> float:
         """cos/sin multiplier (transformers' attention_factor, megatron's mscale)."""
-        return METHODS[self.rope_type].init(self, seq_len)[1]
+        return self.method.init(self, seq_len)[1]
 
     def angles(self, positions: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
         """float32 [n, rotary_dim // 2] in [-pi, pi]. ``seq_len`` defaults to max(positions)+1, as
@@ -160,13 +165,13 @@ class RopeConfig:
     def query_scale(self, positions: torch.Tensor, layer_number: int) -> torch.Tensor:
         """float32 [n] query multiplier; ``layer_number`` is 1-based as in megatron. Ones unless
         the method scales queries and the layer is past the first ``unscaled_layers``."""
-        if METHODS[self.rope_type].query_scale and layer_number > self.unscaled_layers:
+        if self.method.query_scale and layer_number > self.unscaled_layers:
             return entropy_query_scale(positions, self.original_max_position_embeddings)
         return torch.ones(positions.numel(), dtype=torch.float32, device=positions.device)
 
     @property
     def has_query_scale(self) -> bool:
-        return METHODS[self.rope_type].query_scale
+        return self.method.query_scale
 
     def replace(self, **changes: Any) -> RopeConfig:
         return dataclasses.replace(self, **changes)
@@ -183,11 +188,7 @@ class RopeConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RopeConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise RopeConfigError(unknown[0], f"unknown RoPE field; known: {sorted(known)}")
-        return cls(**values)
+        return fields.from_dict(cls, values, RopeConfigError)
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> RopeConfig:
@@ -195,26 +196,22 @@ class RopeConfig:
         params = config.get("rope_parameters") or config.get("rope_scaling") or {}
         if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
             raise RopeConfigError("rope_parameters", "per-layer-type (nested) RoPE parameters are not supported")
-        legacy_type = params.get("type")
-        rope_type = params.get("rope_type") or legacy_type or "default"
-        rope_type = LEGACY_TYPES.get(rope_type, rope_type)
+        rope_type = method_name(params.get("rope_type") or params.get("type") or "default")
+        method = METHODS.get(rope_type)
         head_dim = config.get("head_dim")
         if head_dim is None:
             if "hidden_size" not in config or "num_attention_heads" not in config:
                 raise RopeConfigError("head_dim", "missing (and no hidden_size / num_attention_heads to derive it)")
             head_dim = config["hidden_size"] // config["num_attention_heads"]
-        theta = params.get("rope_theta", config.get("rope_theta", 10_000.0))
-        if rope_type == "eabf" and legacy_type == "eabf" and "rope_theta" not in params:
-            theta = EABF_LEGACY_BASE
         max_pos = config.get("max_position_embeddings")
         # transformers gives Phi-3's top-level value priority, then defaults to the model window
         original = config.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
-        if original is None and rope_type in ("llama3", "yarn", "longrope", "eabf"):
+        if original is None and method is not None and "original_max_position_embeddings" in method.required:
             original = max_pos
         values: dict[str, Any] = {
             "rope_type": rope_type,
             "head_dim": head_dim,
-            "rope_theta": float(theta),
+            "rope_theta": float(params.get("rope_theta", config.get("rope_theta", 10_000.0))),
             "partial_rotary_factor": params.get("partial_rotary_factor", config.get("partial_rotary_factor")) or 1.0,
             "max_position_embeddings": max_pos,
             "original_max_position_embeddings": original,
@@ -223,33 +220,24 @@ class RopeConfig:
         for key in _HF_PASSTHROUGH:
             if params.get(key) is not None:
                 values[key] = params[key]
-        if rope_type == "eabf" and legacy_type == "eabf":
-            values.pop("factor", None)  # the released E-ABF code ignores it (base and window are fixed)
-        if rope_type == "dynamic" and max_pos is None:
-            raise RopeConfigError("max_position_embeddings", "required by rope_type 'dynamic' but missing")
+        if method is not None and method.from_hf is not None:
+            method.from_hf(values, params)
         values.update(config.get(EXTRA_KEY) or {})
         return cls.from_dict(values)
 
     def to_hf(self) -> dict[str, Any]:
         """Keys to merge into a config.json (v5 ``rope_parameters`` plus v4 ``rope_theta`` /
-        ``rope_scaling``); vanilla transformers loading them computes the same frequencies."""
-        hf_type = METHODS[self.rope_type].hf_type
+        ``rope_scaling``); vanilla transformers loading them computes the same frequencies. The
+        full RopeConfig goes under the ``megarope`` key too where those keys lose part of it."""
+        hf_type = self.method.hf_type
         params: dict[str, Any] = {"rope_type": hf_type or "default", "rope_theta": self.rope_theta}
         if hf_type is None:
             # same frequencies expressed as a plain base: exact for ntk/abf/eabf, whose inv_freq is base^(-2i/d)
             params["rope_theta"] = self._effective_base()
-        else:
-            for key in _HF_PASSTHROUGH:
-                value = getattr(self, key)
-                if value is not None and hf_type != "default":
-                    params[key] = list(value) if isinstance(value, tuple) else value
-            if self.attention_factor_override is not None:
-                params["attention_factor"] = self.attention_factor_override
-            if hf_type in ("llama3", "yarn", "longrope"):
-                params["original_max_position_embeddings"] = self.original_max_position_embeddings
-            for key in ("beta_fast", "beta_slow", "mscale", "low_freq_factor", "high_freq_factor", "truncate"):
-                if hf_type not in _HF_KEYS_BY_TYPE.get(key, ()):
-                    params.pop(key, None)
+        for key in self.method.hf_keys:
+            value = getattr(self, _HF_FIELD.get(key, key))
+            if value is not None:
+                params[key] = list(value) if isinstance(value, tuple) else value
         if self.partial_rotary_factor != 1.0:
             params["partial_rotary_factor"] = self.partial_rotary_factor
         out: dict[str, Any] = {
@@ -262,7 +250,7 @@ class RopeConfig:
             out["max_position_embeddings"] = self.max_position_embeddings
         if self.partial_rotary_factor != 1.0:
             out["partial_rotary_factor"] = self.partial_rotary_factor
-        if hf_type is None or self.n_hat:
+        if RopeConfig.from_hf(out) != self:  # e.g. ntk/abf/eabf (no transformers type), LongRoPE's n_hat
             out[EXTRA_KEY] = self.to_dict()
         return out
 
@@ -277,33 +265,8 @@ class RopeConfig:
         return ", ".join(f"{k}={v}" for k, v in keys.items())
 
 
-# transformers rope_parameters keys copied 1:1 into RopeConfig fields (and back on export)
-_HF_PASSTHROUGH = (
-    "factor",
-    "beta_fast",
-    "beta_slow",
-    "mscale",
-    "mscale_all_dim",
-    "truncate",
-    "low_freq_factor",
-    "high_freq_factor",
-    "long_factor",
-    "short_factor",
-)
-# which transformers types read the optional keys (others would only trigger its unknown-key warning)
-_HF_KEYS_BY_TYPE = {
-    "beta_fast": ("yarn",),
-    "beta_slow": ("yarn",),
-    "mscale": ("yarn",),
-    "truncate": ("yarn",),
-    "low_freq_factor": ("llama3",),
-    "high_freq_factor": ("llama3",),
-}
-
-
 def _check_int(value: Any, field: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RopeConfigError(field, f"must be an integer >= {minimum}, got {value!r}")
+    fields.check_int(value, field, minimum, RopeConfigError)
 
 
 def method_table(rc_by_name: dict[str, RopeConfig], lengths: list[int]) -> str:

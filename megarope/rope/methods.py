@@ -3,7 +3,9 @@
 Each function reads a validated :class:`~megarope.rope.config.RopeConfig` (``rc``) and an
 optional current sequence length, in the spirit of transformers' ``ROPE_INIT_FUNCTIONS``.
 Frequencies are float64 so that angles stay exact up to 2M positions (see ``positions.py``).
-Adding a method means adding one function here (plus its test); nothing else changes.
+Adding a method means one function and one :func:`register` call here (plus its test): the
+:class:`Method` record carries everything ``RopeConfig`` needs besides the math (required fields,
+extra checks, the transformers type, keys and aliases); see docs/methods.md, "Adding a method".
 
 This module imports torch only: no megatron, no transformers.
 """
@@ -12,37 +14,71 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+from megarope.errors import MegaropeError
 
 if TYPE_CHECKING:
     from megarope.rope.config import RopeConfig
 
 InitFn = Callable[["RopeConfig", "int | None"], "tuple[torch.Tensor, float]"]
+ValidateFn = Callable[["RopeConfig"], None]
+CanonicalFn = Callable[["RopeConfig"], dict[str, Any]]
+HfImportFn = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+class RopeConfigError(MegaropeError):
+    """Invalid RoPE configuration; ``field`` is the RopeConfig field (also importable from
+    ``megarope.rope.config``)."""
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered RoPE method.
+    """A registered RoPE method: its math (``init``) and what RopeConfig needs to validate,
+    import and export it.
 
-    ``required``: RopeConfig fields that must be set. ``hf_type``: the transformers ``rope_type``
-    that computes identical frequencies, or None when transformers has no such type (the
-    frequencies are then exported as ``default`` with the effective base). ``query_scale``: the
-    method multiplies queries by a per-position scale (entropy-aware ABF).
+    ``required``: RopeConfig fields that must be set. ``validate``: further checks on a
+    RopeConfig, run after the generic ones; raises ``RopeConfigError(field, message)``.
+    ``canonical``: field values filled in once valid (the form that exports and round-trips).
+    ``hf_type``: the transformers ``rope_type`` that computes identical frequencies, or None when
+    transformers has no such type (the frequencies are then exported as ``default`` with the
+    effective base, and the full RopeConfig under the ``megarope`` key). ``hf_keys``: the
+    transformers ``rope_parameters`` keys that type reads, exported when set (``attention_factor``
+    is the field ``attention_factor_override``). ``hf_aliases``: other ``rope_type`` / ``type``
+    names checkpoints use for the method. ``from_hf``: adjusts the imported field values in place,
+    given the checkpoint's raw RoPE parameters (legacy spellings). ``query_scale``: the method
+    multiplies queries by a per-position scale (entropy-aware ABF). ``n_hat``: the method keeps
+    the first ``n_hat`` positions un-interpolated (LongRoPE); other methods reject ``n_hat``.
     """
 
     init: InitFn
     required: tuple[str, ...] = ()
+    validate: ValidateFn | None = None
+    canonical: CanonicalFn | None = None
     hf_type: str | None = None
+    hf_keys: tuple[str, ...] = ()
+    hf_aliases: tuple[str, ...] = ()
+    from_hf: HfImportFn | None = None
     query_scale: bool = False
+    n_hat: bool = False
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, init: InitFn, **kwargs) -> None:
+def register(name: str, init: InitFn, **kwargs: Any) -> None:
+    """Add (or replace) method ``name``; ``kwargs`` are the other :class:`Method` fields."""
     METHODS[name] = Method(init=init, **kwargs)
+
+
+def method_name(name: str) -> str:
+    """The registry name for a checkpoint's ``rope_type`` spelling (an alias such as ``su``), or
+    ``name`` itself when no method claims it (validation then reports it as unknown)."""
+    if name in METHODS:
+        return name
+    return next((key for key, method in METHODS.items() if name in method.hf_aliases), name)
 
 
 def base_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
@@ -146,22 +182,93 @@ def _longrope(rc: RopeConfig, seq_len: int | None) -> tuple[torch.Tensor, float]
     return base_inv_freq(rc.rope_theta, rc.rotary_dim) / factors, float(attention)
 
 
+# ----------------------------------------------------------------------------- method-specific checks
+def _check_scale(rc: RopeConfig) -> None:
+    """``scale`` needs ``factor`` or a target length beyond the original window (YaRN, LongRoPE)."""
+    if rc.factor is not None:
+        return
+    if rc.max_position_embeddings is None:
+        raise RopeConfigError("factor", f"rope_type {rc.rope_type!r} needs factor or max_position_embeddings")
+    if rc.max_position_embeddings <= rc.original_max_position_embeddings:
+        raise RopeConfigError(
+            "original_max_position_embeddings",
+            f"original window {rc.original_max_position_embeddings} must be smaller than the target "
+            f"length max_position_embeddings={rc.max_position_embeddings}",
+        )
+
+
+def _check_llama3(rc: RopeConfig) -> None:
+    if rc.high_freq_factor <= rc.low_freq_factor:
+        raise RopeConfigError("high_freq_factor", "must be greater than low_freq_factor")
+
+
+def _check_eabf(rc: RopeConfig) -> None:
+    if rc.original_max_position_embeddings < 2:
+        raise RopeConfigError("original_max_position_embeddings", "must be >= 2 (log of the window)")
+
+
+def _yarn_canonical(rc: RopeConfig) -> dict[str, Any]:
+    # transformers' yarn needs `factor` spelled out on export
+    return {"factor": rc.scale} if rc.factor is None else {}
+
+
+EABF_LEGACY_BASE = 500_000.0
+
+
+def _eabf_from_hf(values: dict[str, Any], params: dict[str, Any]) -> None:
+    """The released Entropy-ABF checkpoints say ``{"type": "eabf", "factor": 4}``: their code fixes
+    the base to 500,000 and ignores the factor (base and window are fixed)."""
+    if params.get("type") == "eabf":
+        if "rope_theta" not in params:
+            values["rope_theta"] = EABF_LEGACY_BASE
+        values.pop("factor", None)
+
+
+# ----------------------------------------------------------------------------- the registry
+_YARN_KEYS = ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate", "attention_factor")
 register("default", _default, hf_type="default")
-register("linear", _linear, required=("factor",), hf_type="linear")
+register("linear", _linear, required=("factor",), hf_type="linear", hf_keys=("factor",))
 register("ntk", _ntk, required=("factor",))
-register("dynamic", _dynamic, required=("factor", "max_position_embeddings"), hf_type="dynamic")
-register("yarn", _yarn, required=("original_max_position_embeddings",), hf_type="yarn")
+register(
+    "dynamic",
+    _dynamic,
+    required=("factor", "max_position_embeddings"),
+    hf_type="dynamic",
+    hf_keys=("factor",),
+)
+register(
+    "yarn",
+    _yarn,
+    required=("original_max_position_embeddings",),
+    validate=_check_scale,
+    canonical=_yarn_canonical,
+    hf_type="yarn",
+    hf_keys=(*_YARN_KEYS, "original_max_position_embeddings"),
+)
 register(
     "llama3",
     _llama3,
     required=("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    validate=_check_llama3,
     hf_type="llama3",
+    hf_keys=("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 )
 register("abf", _default)
-register("eabf", _default, required=("original_max_position_embeddings",), query_scale=True)
+register(
+    "eabf",
+    _default,
+    required=("original_max_position_embeddings",),
+    validate=_check_eabf,
+    from_hf=_eabf_from_hf,
+    query_scale=True,
+)
 register(
     "longrope",
     _longrope,
     required=("long_factor", "short_factor", "original_max_position_embeddings"),
+    validate=_check_scale,
     hf_type="longrope",
+    hf_keys=("factor", "long_factor", "short_factor", "attention_factor", "original_max_position_embeddings"),
+    hf_aliases=("su",),
+    n_hat=True,
 )
