@@ -3,9 +3,8 @@ optionally, the RoPE configs of the methods compared.
 
 A method is named by its ``method`` field; where one method was evaluated in several pipeline
 stages its rows are labelled ``method (run_stage)``. Where a (method, run_stage, length[, depth])
-was measured more than once (periodic evaluation), the last row counts. Figures are drawn on
-matplotlib's Agg canvas directly (no pyplot, no global backend switch); every file is written
-atomically.
+was measured more than once (periodic evaluation), the last row counts. Figures are saved by
+``megarope.plotting.save_figure``; every file is written atomically.
 """
 
 from __future__ import annotations
@@ -16,14 +15,14 @@ from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
+from megarope.atomic import atomic_write_text
 from megarope.eval.metrics import METRICS_FILE, read_metrics, row_kind
+from megarope.plotting import save_figure
 from megarope.rope.config import RopeConfig
 from megarope.rope.methods import base_inv_freq
-from megarope.atomic import atomic_output
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
@@ -169,13 +168,6 @@ def rescale_factors(config: Mapping[str, Any], original_theta: float | None = No
 # ------------------------------------------------------------------------------------------ plots
 
 
-def _save(fig: Figure, path: str) -> str:
-    FigureCanvasAgg(fig)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return path
-
-
 def _plain_log_y(ax, values: Sequence[float]) -> None:
     """Log y axis labelled 2, 3, 40 rather than 2x10^0; minor ticks labelled only within a decade,
     where there are no major ones to read."""
@@ -210,7 +202,7 @@ def plot_ppl(evals: list[dict], path: str, original_window: int | None = None) -
     ax.set_title("Perplexity vs length")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_passkey(passkeys: list[dict], path: str) -> str:
@@ -240,7 +232,7 @@ def plot_passkey(passkeys: list[dict], path: str) -> str:
     for ax in list(axes.flat)[len(labels) :]:
         ax.set_visible(False)
     fig.colorbar(image, ax=axes, label="passkey accuracy", shrink=0.8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def loss_figure(train: list[dict]) -> Figure:
@@ -265,7 +257,7 @@ def loss_figure(train: list[dict]) -> Figure:
 
 
 def plot_loss(train: list[dict], path: str) -> str:
-    return _save(loss_figure(train), path)
+    return save_figure(loss_figure(train), path)
 
 
 def plot_factors(factors: Mapping[str, np.ndarray], path: str) -> str:
@@ -279,7 +271,7 @@ def plot_factors(factors: Mapping[str, np.ndarray], path: str) -> str:
     ax.set_title("Rescale factors per dimension")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -425,6 +417,5 @@ def write_report(
     if measured:
         md += ["## How this was measured", "", measured, ""]
     path = os.path.join(run_dir, REPORT_FILE)
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(md))
+    atomic_write_text(path, "\n".join(md))
     return path

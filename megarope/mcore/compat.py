@@ -82,11 +82,10 @@ Version shims
 -------------
 megatron-core 0.16.x resolves on Python 3.11; 0.19.x on Python 3.12 (the GPU machines).
 ``RotaryEmbedding.forward(max_seq_len, offset, packed_seq, cp_group)`` is the same in both: no
-shim. ``get_batch_on_this_cp_rank`` and GPTModel's deprecation log differ: shims below.
+shim. GPTModel's deprecation log differs: shim below.
 """
 
 import contextlib
-import inspect
 import logging
 
 import torch
@@ -97,7 +96,6 @@ __all__ = [
     "cpu_compat_enabled",
     "disable_cpu_compat",
     "enable_cpu_compat",
-    "get_batch_on_this_cp_rank",
     "quiet_gpt_model_deprecation",
 ]
 
@@ -277,23 +275,6 @@ def cpu_compat():
 # ---------------------------------------------------------------------------------------------
 # Version shims
 # ---------------------------------------------------------------------------------------------
-
-
-def get_batch_on_this_cp_rank(batch: dict, cp_group=None) -> dict:
-    """megatron's zigzag CP slicing of a ``[b, s, ...]`` batch (no ``cu_seqlens``), any version.
-
-    0.16/0.17: ``(batch, cp_group=None)``; 0.18/0.19: ``(batch, is_hybrid_cp, cp_group=None,
-    ...)``, whose 0.19 per-sequence path calls ``get_world_size(cp_group)`` — the WORLD size
-    when the group is None — so the CP group is always passed explicitly.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.utils import get_batch_on_this_cp_rank as mcore_fn
-
-    if cp_group is None:
-        cp_group = parallel_state.get_context_parallel_group()
-    if "is_hybrid_cp" in inspect.signature(mcore_fn).parameters:
-        return mcore_fn(batch, is_hybrid_cp=False, cp_group=cp_group)
-    return mcore_fn(batch, cp_group=cp_group)
 
 
 def quiet_gpt_model_deprecation() -> None:

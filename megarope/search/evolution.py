@@ -25,9 +25,11 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Container, Sequence
+from typing import Any, Callable, Container, Optional, Sequence, Tuple
 
+from megarope import fields
 from megarope.atomic import atomic_write_text
+from megarope.errors import MegaropeError
 from megarope.rope.config import RopeConfig, RopeConfigError
 from megarope.search.distributed import is_main_rank
 
@@ -58,28 +60,34 @@ RESUMABLE_CHANGES = ("iterations", "fitness_chunk")
 SEARCH_KEY = "megarope_search"
 
 
-class SearchConfigError(RopeConfigError):
-    """Invalid search setting; the message starts with ``search.<field>``."""
+class SearchConfigError(MegaropeError):
+    """Invalid search setting; ``field`` is ``search.<name>``."""
 
     def __init__(self, field: str, message: str):
         super().__init__(f"search.{field}", message)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SearchConfig:
     """Every knob of the search; defaults are the paper's (Table 4 and §3.2).
 
     ``scale`` is s (target length / ``original_max_position_embeddings``); ``rotary_dim`` and
-    ``rope_theta`` describe the model's RoPE (see :meth:`for_rope`). The first generation has
+    ``rope_theta`` describe the model's RoPE. These four come from the model and the target length
+    (:meth:`for_rope`): left unset (``scale`` and the window None), a SearchConfig holds settings
+    only, as a run's ``search`` group does; a search needs them set. The first generation has
     ``population`` members, later ones ``topk + mutations + crossovers`` (64 = 32 + 16 + 16 in the
     paper). ``max_tries``: draws per mutant or crossover child before giving up (the reference
-    code's ``max_crossover_try``). ``fitness_chunk``: candidates per fitness call, the state being
-    saved after each call (0: one call per generation); it changes when progress is saved, never
-    the result.
+    code's ``max_crossover_try``). ``num_docs``: documents of the target length the caller's
+    fitness scores per candidate (the search itself does not read it; it is part of the state so
+    that a resume on other documents is refused). ``fitness_chunk``: candidates per fitness call,
+    the state being saved after each call (0: one call per generation); it changes when progress
+    is saved, never the result.
+
+    A plain (mutable) dataclass so that OmegaConf/Hydra can use it as a structured config group.
     """
 
-    scale: float
-    original_max_position_embeddings: int
+    scale: Optional[float] = None
+    original_max_position_embeddings: Optional[int] = None
     rotary_dim: int = 128
     rope_theta: float = 10_000.0
     population: int = 64
@@ -91,22 +99,29 @@ class SearchConfig:
     lambda_max_ratio: float = 1.25
     lambda_step: float = 0.01
     monotone: bool = True
-    n_hat_candidates: tuple[int, ...] = PAPER_N_HAT
-    seeds: tuple[str, ...] = SEED_METHODS
+    n_hat_candidates: Tuple[int, ...] = PAPER_N_HAT
+    seeds: Tuple[str, ...] = SEED_METHODS
     seed: int = 0
     max_tries: int = 20
+    num_docs: int = 4
     fitness_chunk: int = 0
 
     def __post_init__(self):
-        # YAML and JSON give lists
-        object.__setattr__(self, "n_hat_candidates", tuple(self.n_hat_candidates))
-        object.__setattr__(self, "seeds", tuple(self.seeds))
+        # YAML, JSON and OmegaConf give lists
+        self.n_hat_candidates = tuple(self.n_hat_candidates)
+        self.seeds = tuple(self.seeds)
         self._validate()
 
+    @property
+    def has_model(self) -> bool:
+        """Whether the model's side (scale and original window) is set, as a search needs."""
+        return self.scale is not None and self.original_max_position_embeddings is not None
+
     def _validate(self) -> None:
-        if not self.scale >= 1:
+        if self.scale is not None and not self.scale >= 1:
             raise SearchConfigError("scale", f"must be >= 1, got {self.scale}")
-        _check_int(self.original_max_position_embeddings, "original_max_position_embeddings", 1)
+        if self.original_max_position_embeddings is not None:
+            _check_int(self.original_max_position_embeddings, "original_max_position_embeddings", 1)
         _check_int(self.rotary_dim, "rotary_dim", 4)  # NTK's exponent d/(d-2) needs d > 2
         if self.rotary_dim % 2:
             raise SearchConfigError("rotary_dim", f"must be even, got {self.rotary_dim}")
@@ -114,7 +129,7 @@ class SearchConfig:
             raise SearchConfigError("rope_theta", f"must be > 1, got {self.rope_theta}")
         for name in ("iterations", "mutations", "crossovers", "seed", "fitness_chunk"):
             _check_int(getattr(self, name), name, 0)
-        for name in ("population", "topk", "max_tries"):
+        for name in ("population", "topk", "max_tries", "num_docs"):
             _check_int(getattr(self, name), name, 1)
         if self.population < self.topk:
             raise SearchConfigError(
@@ -127,7 +142,7 @@ class SearchConfig:
             raise SearchConfigError("mutation_prob", f"must be in (0, 1], got {self.mutation_prob}")
         if not self.lambda_step > 0:
             raise SearchConfigError("lambda_step", f"must be > 0, got {self.lambda_step}")
-        if not self.lambda_max_ratio * self.scale >= 1:
+        if self.scale is not None and not self.lambda_max_ratio * self.scale >= 1:
             raise SearchConfigError(
                 "lambda_max_ratio", f"lambda_max_ratio * scale = {self.lambda_max_ratio * self.scale} must be >= 1"
             )
@@ -149,13 +164,17 @@ class SearchConfig:
 
     @classmethod
     def for_rope(cls, base_rc: RopeConfig, scale: float, **overrides: Any) -> SearchConfig:
-        """Settings for extending the model whose RoPE is ``base_rc`` by ``scale``."""
-        return cls(
+        """Settings ``overrides`` for extending the model whose RoPE is ``base_rc`` by ``scale``."""
+        return cls(**overrides).extending(base_rc, scale)
+
+    def extending(self, base_rc: RopeConfig, scale: float) -> SearchConfig:
+        """These settings with the model's side set: extending ``base_rc`` by ``scale``."""
+        return dataclasses.replace(
+            self,
             scale=scale,
             original_max_position_embeddings=_original_window(base_rc),
             rotary_dim=base_rc.rotary_dim,
             rope_theta=base_rc.rope_theta,
-            **overrides,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,11 +182,7 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SearchConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SearchConfigError(unknown[0], f"unknown setting; known: {sorted(known)}")
-        return cls(**values)
+        return fields.from_dict(cls, values, SearchConfigError)
 
     # λ lives on the grid 1 + k·lambda_step, k = 0..grid_top; operators work on the integers k so
     # that equality (dedupe) and monotonicity are exact.
@@ -199,8 +214,7 @@ def _original_window(base_rc: RopeConfig) -> int:
 
 
 def _check_int(value: Any, field: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SearchConfigError(field, f"must be an integer >= {minimum}, got {value!r}")
+    fields.check_int(value, field, minimum, SearchConfigError)
 
 
 @dataclass(frozen=True)
@@ -366,6 +380,9 @@ class LongRopeSearch:
         *,
         is_main: bool | None = None,
     ):
+        if not config.has_model:
+            missing = "scale" if config.scale is None else "original_max_position_embeddings"
+            raise SearchConfigError(missing, "not set; a search needs the model's side (SearchConfig.for_rope / extending)")
         self.config = config
         self.fitness = fitness
         self.state_path = os.fspath(state_path) if state_path is not None else None

@@ -1,8 +1,7 @@
 """PNG plots of a LongRoPE search: perplexity per generation, and the best factors per dimension
 beside the classic methods' (PI, NTK, YaRN).
 
-Figures are drawn on matplotlib's Agg canvas directly (no pyplot): no display needed and no
-global backend switched under the caller. Files are written atomically.
+Figures are saved by ``megarope.plotting.save_figure`` (Agg canvas, atomic files).
 """
 
 from __future__ import annotations
@@ -11,22 +10,14 @@ import math
 import os
 from typing import Any, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from megarope.atomic import atomic_output
+from megarope.plotting import save_figure
 from megarope.search.evolution import SEED_METHODS, Candidate, SearchConfig, SearchResult, seed_factors
 
-__all__ = ["plot_factors", "plot_history", "plot_search"]
+__all__ = ["plot_candidate_factors", "plot_history", "plot_search"]
 
 _SEED_STYLE = {"pi": ("PI", "tab:blue"), "ntk": ("NTK", "tab:green"), "yarn": ("YaRN", "tab:orange")}
-
-
-def _save(fig: Figure, path: str | os.PathLike) -> str:
-    FigureCanvasAgg(fig)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    return os.fspath(path)
 
 
 def plot_history(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> str:
@@ -46,10 +37,10 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
     ax.set_title("LongRoPE search")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_factors(candidate: Candidate, config: SearchConfig, path: str | os.PathLike) -> str:
+def plot_candidate_factors(candidate: Candidate, config: SearchConfig, path: str | os.PathLike) -> str:
     """λ_i per frequency index i of ``candidate`` beside PI, NTK and YaRN's (off-grid) factors."""
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
@@ -66,12 +57,12 @@ def plot_factors(candidate: Candidate, config: SearchConfig, path: str | os.Path
     ax.set_title(f"LongRoPE factors, s = {config.scale:g}")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_search(result: SearchResult, config: SearchConfig, out_dir: str | os.PathLike) -> list[str]:
     """Both plots as ``search_history.png`` and ``search_factors.png`` in ``out_dir``."""
     return [
         plot_history(result.history, os.path.join(out_dir, "search_history.png")),
-        plot_factors(result.best, config, os.path.join(out_dir, "search_factors.png")),
+        plot_candidate_factors(result.best, config, os.path.join(out_dir, "search_factors.png")),
     ]

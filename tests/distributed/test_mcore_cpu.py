@@ -280,17 +280,22 @@ def test_dist_checkpoint_reshards_between_1_rank_and_tp2(reference):
 
 
 def _cp_slices():
-    from megarope.mcore import compat, parallel
+    from megatron.core import parallel_state
+
+    from megarope.mcore import parallel
+    from megarope.mcore.context_parallel import slice_bshd
 
     parallel.initialize(cp=2)
     try:
         batch = {"tokens": torch.arange(8).unsqueeze(0), "attention_mask": None}
-        return compat.get_batch_on_this_cp_rank(batch)["tokens"].tolist()
+        cp_size = parallel_state.get_context_parallel_world_size()
+        cp_rank = parallel_state.get_context_parallel_rank()
+        return slice_bshd(batch, cp_size, cp_rank)["tokens"].tolist()
     finally:
         parallel.destroy()
 
 
-def test_cp_batch_slicing_shim_uses_zigzag_chunks():
+def test_cp_batch_slicing_uses_zigzag_chunks():
     # 2*cp chunks; rank r holds chunks r and 2*cp-1-r.
     assert run_distributed(_cp_slices, 2) == [[[0, 1, 6, 7]], [[2, 3, 4, 5]]]
 
