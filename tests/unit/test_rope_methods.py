@@ -10,7 +10,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from megarope import RopeConfig, RopeConfigError
-from megarope.rope.methods import METHODS
+from megarope.errors import MegaropeError
+from megarope.rope.methods import METHODS, base_inv_freq, register
 from tests.unit import published_rope_configs as published
 
 REL = 1e-6
@@ -337,3 +338,54 @@ def test_non_monotone_published_factors_still_load():
     cfg = copy.deepcopy(published.PHI_3_5_MINI)
     cfg["rope_scaling"]["long_factor"][5] = 0.9 * cfg["rope_scaling"]["long_factor"][4]
     assert RopeConfig.from_hf(cfg).long_factor[5] < RopeConfig.from_hf(cfg).long_factor[4]
+
+
+# ----------------------------------------------------------------------------- adding a method
+
+
+@pytest.fixture
+def scaled_base_method():
+    """The worked example of docs/methods.md, "Adding a method", registered for one test only."""
+
+    def scaled_base(rc, seq_len):
+        """ABF with the new base given as a multiple: base = rope_theta * factor."""
+        return base_inv_freq(rc.rope_theta * rc.factor, rc.rotary_dim), 1.0
+
+    def check(rc):
+        if rc.factor > 1000:
+            raise RopeConfigError("factor", f"must be <= 1000 for rope_type 'scaled_base', got {rc.factor}")
+
+    register("scaled_base", scaled_base, required=("factor",), validate=check, hf_aliases=("base_multiple",))
+    yield "scaled_base"
+    del METHODS["scaled_base"]
+
+
+def test_a_registered_method_works_through_rope_config(scaled_base_method):
+    cfg = model_cfg(64, 10_000.0, 4096, rope_scaling={"type": "base_multiple", "factor": 8.0})
+    rc = RopeConfig.from_hf(cfg)
+    assert rc.rope_type == scaled_base_method and rc.factor == 8.0
+    torch.testing.assert_close(rc.inv_freq(), closed_form_inv_freq(80_000.0, 64), rtol=1e-12, atol=0)
+    # export: transformers has no such type, so the same frequencies as a plain base, plus the
+    # full config under the megarope key for the round trip
+    exported = rc.to_hf()
+    assert exported["rope_parameters"]["rope_type"] == "default"
+    assert exported["rope_theta"] == pytest.approx(80_000.0, rel=1e-12)
+    assert exported["megarope"]["rope_type"] == scaled_base_method
+    assert RopeConfig.from_hf(exported) == rc
+    vanilla = {**model_cfg(64, 1.0, 4096), **exported}
+    vanilla.pop("megarope")
+    vanilla.pop("rope_scaling")
+    torch.testing.assert_close(hf_rope(vanilla)[0].double(), rc.inv_freq(), rtol=1e-6, atol=0)
+    # the generic checks (required fields) and the method's own, each naming the field
+    for values in ({}, {"factor": 2000.0}):
+        with pytest.raises(RopeConfigError) as err:
+            RopeConfig.from_dict({"rope_type": scaled_base_method, "head_dim": 64, **values})
+        assert err.value.field == "factor"
+    with pytest.raises(RopeConfigError, match="^n_hat: only used by rope_type 'longrope'"):
+        RopeConfig(rope_type=scaled_base_method, head_dim=64, factor=2.0, n_hat=4)
+
+
+def test_rope_errors_are_megarope_errors():
+    with pytest.raises(MegaropeError) as err:
+        RopeConfig(rope_type="linear")
+    assert isinstance(err.value, RopeConfigError) and err.value.field == "factor"

@@ -7,8 +7,10 @@ import random
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from megarope import RopeConfig
+from megarope.errors import MegaropeError
 from megarope.search.distributed import score_distributed
 from megarope.search.evolution import (
     PAPER_N_HAT,
@@ -118,6 +120,21 @@ def test_validation_names_the_field(overrides, field, text):
     with pytest.raises(SearchConfigError, match=f"^search.{field}:") as err:
         small(**overrides)
     assert err.value.field == f"search.{field}" and text in str(err.value)
+    assert isinstance(err.value, MegaropeError)
+
+
+def test_settings_only_config_is_a_structured_config_group():
+    """A run's ``search`` group can be SearchConfig itself: OmegaConf structures and merges it, the
+    model's side stays unset until ``extending``, and a search refuses to start without it."""
+    group = OmegaConf.merge(
+        OmegaConf.structured(SearchConfig), OmegaConf.from_dotlist(["population=8", "topk=4", "seeds=[yarn]"])
+    )
+    settings = OmegaConf.to_object(group)
+    assert settings.scale is None and settings.seeds == ("yarn",) and settings.n_hat_candidates == PAPER_N_HAT
+    with pytest.raises(SearchConfigError, match="^search.scale:"):
+        LongRopeSearch(settings, lambda candidates: [1.0] * len(candidates))
+    base = RopeConfig(head_dim=64, max_position_embeddings=256)
+    assert settings.extending(base, 4.0) == SearchConfig.for_rope(base, 4.0, population=8, topk=4, seeds=["yarn"])
 
 
 def test_config_dict_round_trip_and_for_rope():
