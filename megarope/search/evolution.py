@@ -426,36 +426,43 @@ class LongRopeSearch:
     def _initial_population(self) -> list[Candidate]:
         """Seeds, then mutants of the seeds in turn up to ``population`` members."""
         seeds = seed_candidates(self.config)
-        batch, seen = list(seeds), set(seeds) | set(self._scores)
-        for j in range(self.config.population - len(seeds)):
-            child = mutate(seeds[j % len(seeds)], self.config, self._rng, seen)
-            if child is None:
-                self._warn_no_child()
-                continue
-            batch.append(child)
-            seen.add(child)
-        return batch
+
+        def mutant(j: int, seen: set[Candidate]) -> Candidate | None:
+            return mutate(seeds[j % len(seeds)], self.config, self._rng, seen)
+
+        return self._draw(self.config.population - len(seeds), mutant, list(seeds), set(seeds) | set(self._scores))
 
     def _children(self) -> list[Candidate]:
         """``mutations`` mutants of random parents, then ``crossovers`` children of random parent
         pairs; a failed crossover mutates its first parent instead (as the reference code)."""
         cfg, rng = self.config, self._rng
         parents = self._population[: cfg.topk]
-        batch: list[Candidate] = []
-        seen = set(self._scores)
-        for j in range(cfg.mutations + cfg.crossovers):
+
+        def child(j: int, seen: set[Candidate]) -> Candidate | None:
             if j < cfg.mutations or len(parents) < 2:
-                child = mutate(parents[rng.randrange(len(parents))], cfg, rng, seen)
-            else:
-                first, second = sorted(rng.sample(range(len(parents)), 2))
-                child = crossover(parents[first], parents[second], cfg, rng, seen)
-                if child is None:
-                    child = mutate(parents[first], cfg, rng, seen)
-            if child is None:
+                return mutate(parents[rng.randrange(len(parents))], cfg, rng, seen)
+            first, second = sorted(rng.sample(range(len(parents)), 2))
+            made = crossover(parents[first], parents[second], cfg, rng, seen)
+            return made if made is not None else mutate(parents[first], cfg, rng, seen)
+
+        return self._draw(cfg.mutations + cfg.crossovers, child, [], set(self._scores))
+
+    def _draw(
+        self,
+        count: int,
+        make: Callable[[int, set[Candidate]], Candidate | None],
+        batch: list[Candidate],
+        seen: set[Candidate],
+    ) -> list[Candidate]:
+        """``batch`` plus up to ``count`` new candidates ``make(j, seen)`` (None: none found in
+        ``max_tries`` draws, the generation is one smaller); ``seen`` grows with each."""
+        for j in range(count):
+            candidate = make(j, seen)
+            if candidate is None:
                 self._warn_no_child()
                 continue
-            batch.append(child)
-            seen.add(child)
+            batch.append(candidate)
+            seen.add(candidate)
         return batch
 
     def _warn_no_child(self) -> None:
