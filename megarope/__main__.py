@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
+
+from megarope import dist
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "hydra_configs")
 log = logging.getLogger("megarope")
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-
-
 def _setup_logging(level: str) -> None:
     # rank 0 talks, the others only warn
     logging.basicConfig(
-        level=getattr(logging, level.upper()) if _rank() == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{_rank()}] %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+        level=getattr(logging, level.upper()) if dist.is_rank0() else logging.WARNING,
+        format=f"%(asctime)s [rank{dist.rank()}] %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     for noisy in ("megatron", "datasets", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -28,11 +25,10 @@ def _setup_logging(level: str) -> None:
 def run(cfg) -> dict:
     """Validate and run the pipeline (bad input fails before anything is written)."""
     from megarope.run.config import validate
-    from megarope.run.pipeline import Pipeline, default_stages
+    from megarope.run.pipeline import Pipeline, resolve_stages
 
-    if not cfg.stages:
-        cfg.stages = default_stages(cfg)
-    validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    cfg.stages = resolve_stages(cfg.stages)
+    validate(cfg, world_size=dist.detect_launch().world_size)
     return Pipeline(cfg).run()
 
 
@@ -48,8 +44,9 @@ def main() -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from megarope.errors import MegaropeError
     from megarope.run.checkpoint import Interrupted
-    from megarope.run.config import ConfigError, register_configs
+    from megarope.run.config import register_configs
 
     register_configs()
 
@@ -57,18 +54,16 @@ def main() -> None:
     def _main(dcfg) -> None:
         _setup_logging(dcfg.run.log_level)
         try:
-            cfg = OmegaConf.to_object(dcfg)
+            summary = run(OmegaConf.to_object(dcfg))
+        except MegaropeError as err:  # bad input; anything else is a bug and keeps its traceback
+            log.error("error: %s: %s", err.field, err.message)
+            sys.exit(2)
         except OmegaConfBaseException as err:  # e.g. a `${required:}` value or a `???` in vars left unset
             log.error("error: %s", str(err).splitlines()[0])
             sys.exit(2)
-        try:
-            summary = run(cfg)
         except Interrupted as stop:
             log.warning("%s; resume by running the same command (same run.dir)", stop)
             sys.exit(stop.exit_code)
-        except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:  # RopeConfigError is a ValueError
-            log.error("error: %s", err)
-            sys.exit(2)
         finally:
             from megarope.mcore import parallel
 

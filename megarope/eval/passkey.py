@@ -6,11 +6,12 @@
 The filler is ``FILLER`` repeated; the key line sits at a relative ``depth`` of the filler (0: right
 after the task, 1: right before the question). A sample is exactly ``length`` tokens: the pieces are
 encoded separately and the filler is cut or extended at token level, so the length is exact for
-any tokenizer. BOS comes first where the tokenizer has one (as in ``megarope.run.data``).
+any tokenizer. BOS comes first where the tokenizer has one (as in ``megarope.data.samples``).
 
 Scoring is teacher forced, one forward pass per sample: the model reads the whole sample, answer
-included, and the sample counts as retrieved when the argmax at every position before an answer
-token is that token (:func:`passkey_correct`). Whitespace-only tokens in front of the digits (the
+included (:func:`passkey_lm_sample`, loss mask on the answer), and the sample counts as retrieved
+when the argmax at every position before an answer token is that token, i.e. no answer token is
+wrong (:func:`wrong_tokens`, :func:`accuracy_by_depth`). Whitespace-only tokens in front of the digits (the
 space of the byte tokenizer, SentencePiece's lone "▁") are not scored: they carry no retrieval.
 """
 
@@ -22,7 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megarope.run.tokenizer import Tokenizer
+from megarope.data.samples import lm_sample
+from megarope.data.tokenizer import Tokenizer
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -96,24 +98,24 @@ def _filler(unit: list[int], n: int) -> list[int]:
     return (unit * (n // len(unit) + 1))[:n]
 
 
-def passkey_correct(sample: dict, argmax_predictions) -> bool:
-    """Whether every scored answer token was predicted. ``argmax_predictions[t]`` is the model's
-    argmax at position t, i.e. its guess for token t+1 (``logits[t].argmax(-1)``); [length] or
-    [length-1] entries."""
-    predictions = torch.as_tensor(argmax_predictions).reshape(-1).cpu()
-    positions = sample["answer_positions"]
-    if len(predictions) < int(positions.max()):
-        raise ValueError(
-            f"passkey_correct: {len(predictions)} predictions do not reach answer position {int(positions.max())}"
-        )
-    return bool(torch.equal(predictions[positions - 1].long(), sample["tokens"][positions]))
+def passkey_lm_sample(sample: dict) -> dict:
+    """The language-modelling sample that scores ``sample``: its tokens, the loss mask on the
+    scored answer tokens."""
+    mask = torch.zeros(sample["tokens"].numel())
+    mask[sample["answer_positions"]] = 1.0
+    return lm_sample(sample["tokens"], mask)
 
 
-def accuracy_by_depth(samples: Sequence[dict], correct: Sequence[bool]) -> dict[float, float]:
-    """Share of retrieved samples per depth, depths in first-seen order."""
-    if len(samples) != len(correct):
-        raise ValueError(f"accuracy_by_depth: {len(samples)} samples but {len(correct)} results")
+def wrong_tokens(predictions: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the masked positions whose prediction (the argmax there) is not the label."""
+    return ((predictions != labels).float() * loss_mask.float()).sum(-1)
+
+
+def accuracy_by_depth(samples: Sequence[dict], wrong: Sequence[float]) -> dict[float, float]:
+    """Share of retrieved samples (no wrong answer token) per depth, depths in first-seen order."""
+    if len(samples) != len(wrong):
+        raise ValueError(f"accuracy_by_depth: {len(samples)} samples but {len(wrong)} results")
     hits: dict[float, list[bool]] = defaultdict(list)
-    for sample, ok in zip(samples, correct):
-        hits[sample["depth"]].append(bool(ok))
+    for sample, count in zip(samples, wrong):
+        hits[sample["depth"]].append(float(count) == 0)
     return {depth: sum(v) / len(v) for depth, v in hits.items()}

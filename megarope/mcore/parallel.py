@@ -1,6 +1,6 @@
 """The one place that sets up distribution: process group, megatron's parallel state, seeds.
 
-Launchers, in order of precedence:
+Launchers (detected by ``megarope.dist.detect_launch``), in order of precedence:
 - torchrun (or anything torchrun-like: ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
   set) -> ``env://``;
 - ``srun`` without torchrun (``SLURM_STEP_NUM_TASKS`` > 1) -> rank/world size from ``SLURM_*``,
@@ -13,47 +13,17 @@ megatron's own training machinery runs on CPU tensors).
 
 import os
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megarope.dist import Launch, detect_launch
 from megarope.mcore import compat
 
 __all__ = ["Launch", "destroy", "detect_launch", "initialize"]
 
 _created_process_group = False
-
-
-@dataclass(frozen=True)
-class Launch:
-    rank: int
-    world_size: int
-    local_rank: int
-    launcher: str  # "torchrun", "srun", "none", or "existing" (a group was already up)
-
-
-def detect_launch() -> Launch:
-    """Where this process sits, read from the launcher's environment (or the live group)."""
-    env = os.environ
-    if dist.is_initialized():
-        rank = dist.get_rank()
-        return Launch(rank, dist.get_world_size(), int(env.get("LOCAL_RANK", rank)), "existing")
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return Launch(
-            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
-        )
-    # SLURM_STEP_NUM_TASKS is set by srun for its step only, not in the sbatch batch script,
-    # where a plain `python` must not mistake the job's task count for its own world.
-    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
-        return Launch(
-            int(env["SLURM_PROCID"]),
-            int(env["SLURM_STEP_NUM_TASKS"]),
-            int(env.get("SLURM_LOCALID", 0)),
-            "srun",
-        )
-    return Launch(0, 1, 0, "none")
 
 
 def _validate(tp: int, pp: int, cp: int, launch: Launch) -> None:

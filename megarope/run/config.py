@@ -12,8 +12,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from megarope.run.data import DataConfig
-from megarope.search.evolution import PAPER_N_HAT, SEED_METHODS, SearchConfig
+from megarope.data.config import DataConfig
+from megarope.errors import MegaropeError
+from megarope.search.evolution import SearchConfig
 
 
 @dataclass
@@ -80,36 +81,10 @@ class RunConfig:
     log_level: str = "INFO"
 
 
-_PAPER = SearchConfig  # the paper's defaults live on megarope.search.evolution.SearchConfig
-
-
-@dataclass
-class SearchStageConfig:
-    """LongRoPE search knobs of a run; defaults are SearchConfig's (the paper's, Table 4)."""
-
-    population: int = _PAPER.population
-    iterations: int = _PAPER.iterations
-    mutations: int = _PAPER.mutations
-    crossovers: int = _PAPER.crossovers
-    topk: int = _PAPER.topk
-    mutation_prob: float = _PAPER.mutation_prob
-    lambda_max_ratio: float = _PAPER.lambda_max_ratio
-    lambda_step: float = _PAPER.lambda_step
-    seeds: List[str] = field(default_factory=lambda: list(SEED_METHODS))
-    n_hat_candidates: List[int] = field(default_factory=lambda: list(PAPER_N_HAT))
-    seed: int = _PAPER.seed
-    num_docs: int = 4  # documents of the target length scored per candidate
-    fitness_chunk: int = _PAPER.fitness_chunk
-    # short-context re-search (paper §3.3): searches `short_factor` at the original window, keeping the
-    # long_factor and n̂ of the stage's `factors` (or of a LongRoPE model); seeds PI/NTK/YaRN at
-    # `short_scale`, λ in [1, lambda_max_ratio * short_scale] (a lower maximum than the long search's)
-    short: bool = False
-    short_scale: float = 2.0
-
-
 @dataclass
 class StageConfig:
-    """One step of a recipe. ``kind``: train | eval | search | export | report.
+    """What every step of a recipe has. ``kind`` names a module of ``megarope.run.stages``, whose
+    config subclasses this one with the kind's own settings (``short`` of a search stage, ...).
 
     ``method`` is merged over the top-level ``method``; ``init`` names an earlier stage whose final
     weights start this one; ``factors`` names an earlier search stage whose factors this one uses,
@@ -138,8 +113,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    search: SearchStageConfig = field(default_factory=SearchStageConfig)
-    stages: List[StageConfig] = field(default_factory=list)
+    # the search knobs; scale and original window stay unset: a search stage derives them
+    search: SearchConfig = field(default_factory=SearchConfig)
+    # entries are StageConfig subclasses chosen by `kind` (megarope.run.stages), so the schema
+    # takes any mapping here and the pipeline types and checks each entry
+    stages: List[Any] = field(default_factory=list)
     # recipe variables (lengths, step counts) that stages interpolate: one override rescales a recipe
     vars: Dict[str, Any] = field(default_factory=dict)
 
@@ -155,18 +133,18 @@ def register_configs() -> None:
 
 
 def _required(*, _node_) -> None:
-    raise ConfigError(f"{_node_._get_full_key(None)}: required, set it on the command line")
+    raise ConfigError(_node_._get_full_key(None), "required, set it on the command line")
 
 
-class ConfigError(ValueError):
-    """Bad run configuration; the message starts with the dotted field name."""
+class ConfigError(MegaropeError):
+    """Bad run configuration; ``field`` is the dotted key (``train.steps``, ``stages[2].init``)."""
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Checks that need no data or model: fail before any work, naming the field."""
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
-            raise ConfigError(f"{key}: {message}")
+            raise ConfigError(key, message)
 
     need(cfg.train.steps > 0, "train.steps", f"must be > 0, got {cfg.train.steps}")
     need(cfg.train.epochs >= 0, "train.epochs", f"must be >= 0, got {cfg.train.epochs}")
@@ -204,16 +182,3 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"model.num_query_groups={cfg.model.num_query_groups} is not divisible by parallel.tp={cfg.parallel.tp}")
         need(cfg.model.num_layers % cfg.parallel.pp == 0, "parallel.pp",
              f"model.num_layers={cfg.model.num_layers} is not divisible by parallel.pp={cfg.parallel.pp}")
-    kinds = ("train", "eval", "search", "export", "report")
-    names = set()
-    for i, stage in enumerate(cfg.stages):
-        need(stage.kind in kinds, f"stages[{i}].kind", f"one of {kinds}, got {stage.kind!r}")
-        need(stage.name not in names, f"stages[{i}].name", f"duplicate stage name {stage.name!r}")
-        need(stage.init is None or stage.init in names, f"stages[{i}].init",
-             f"{stage.init!r} is not an earlier stage (earlier: {sorted(names)})")
-        if stage.factors is not None and stage.factors.endswith(".json"):
-            need(os.path.isfile(stage.factors), f"stages[{i}].factors", f"no such factor file: {stage.factors}")
-        else:
-            need(stage.factors is None or stage.factors in names, f"stages[{i}].factors",
-                 f"{stage.factors!r} is neither an earlier stage (earlier: {sorted(names)}) nor a .json factor file")
-        names.add(stage.name)

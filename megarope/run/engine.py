@@ -21,44 +21,16 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megarope.eval.passkey import wrong_tokens
 from megarope.mcore import parallel
 from megarope.mcore.compat import compute_device
 from megarope.mcore.context_parallel import slice_bshd
-from megarope.mcore.spec import gpt_model, set_rope, transformer_config
+from megarope.mcore.spec import set_rope
 from megarope.rope.config import RopeConfig
 from megarope.run.config import Config
+from megarope.run.model import build_model, use_bf16
 
 log = logging.getLogger(__name__)
-
-
-def padded_vocab(vocab_size: int, tp: int, multiple: int = 64) -> int:
-    """Tiny-model vocabulary padded so the vocab-parallel embedding splits evenly over TP."""
-    step = multiple * tp
-    return math.ceil(vocab_size / step) * step
-
-
-def use_bf16(cfg: Config) -> bool:
-    return torch.cuda.is_available() if cfg.train.bf16 is None else cfg.train.bf16
-
-
-def build_model(cfg: Config, rope: RopeConfig, vocab_size: int):
-    """GPTModel (this pipeline stage) with megarope layers: the HF checkpoint or the tiny model."""
-    p = cfg.parallel
-    precision = dict(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16) if use_bf16(cfg) else \
-        dict(params_dtype=torch.float32, pipeline_dtype=torch.float32)
-    if cfg.model.path:
-        from megarope.hf.convert import build_from_hf
-
-        return build_from_hf(cfg.model.path, rope, sequence_parallel=p.sp, **precision)
-    m = cfg.model
-    tconfig = transformer_config(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups, kv_channels=m.hidden_size // m.num_attention_heads,
-        ffn_hidden_size=m.ffn_hidden_size, init_method_std=m.init_std,
-        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp, context_parallel_size=p.cp,
-        sequence_parallel=p.sp, **precision,
-    )
-    return gpt_model(tconfig, rope, vocab_size=padded_vocab(vocab_size, p.tp), max_sequence_length=1 << 22)
 
 
 def _share(values: torch.Tensor, owner: bool, groups: tuple = (None,)) -> torch.Tensor:
@@ -162,7 +134,7 @@ class Engine:
         def loss_func(output):
             logprobs = torch.log_softmax(output.float(), dim=-1)
             nll = -logprobs.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
-            wrong = ((output.argmax(-1) != batch["labels"]).float() * mask).sum()
+            wrong = wrong_tokens(output.argmax(-1), batch["labels"], mask).sum()
             stats = torch.cat([self._masked_sums(nll, mask), wrong.view(1)])
             if self.cp_size > 1:
                 dist.all_reduce(stats[2:], group=parallel_state.get_context_parallel_group())
@@ -212,10 +184,3 @@ class Engine:
         rows = self.score(list(samples), split_over_dp)
         return math.exp(rows[:, 0].sum().item() / max(rows[:, 1].sum().item(), 1.0))
 
-
-def lm_sample(tokens: torch.Tensor, loss_mask: torch.Tensor | None = None) -> dict:
-    """A [1, L-1] language-modelling sample from an [L] token row (next-token labels)."""
-    tokens = tokens.reshape(-1)
-    mask = torch.ones(tokens.numel() - 1) if loss_mask is None else loss_mask.reshape(-1)[1:].float()
-    return {"tokens": tokens[None, :-1], "labels": tokens[None, 1:], "loss_mask": mask[None],
-            "position_ids": torch.arange(tokens.numel() - 1)[None]}

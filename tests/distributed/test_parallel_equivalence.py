@@ -96,7 +96,7 @@ def _config(layout: Layout):
 def _micro_batches(step: int, seq: int = SEQ) -> list[dict]:
     """Step ``step``'s micro-batches: each row counts up by a random stride from a random start
     (mod VOCAB), learnable within a few steps; identical on every rank."""
-    from megarope.run.engine import lm_sample
+    from megarope.data.samples import lm_sample
 
     g = torch.Generator().manual_seed(100 + step)
     rows = []
@@ -194,7 +194,7 @@ def _train(layout: Layout, method: str, root: str) -> dict:
 def _gather_grads(layouts: list[Layout], root: str) -> dict:
     """Each layout's saved gradients, reloaded into an unsharded model: {(layout, method): {name: grad}}."""
     from megarope.mcore import parallel
-    from megarope.run.engine import build_model
+    from megarope.run.model import build_model
 
     parallel.initialize()  # tp = pp = cp = 1: every rank is a data-parallel replica
     try:

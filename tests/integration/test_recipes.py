@@ -58,7 +58,7 @@ def done(run_dir: Path, stage: str) -> dict:
 
 def write_chats(path: Path) -> Path:
     """ShareGPT conversations from the built-in corpus (as docs/recipes.md writes them)."""
-    from megarope.run.data import builtin_corpus
+    from megarope.data.sources import builtin_corpus
 
     with open(builtin_corpus()) as f, open(path, "w") as out:
         for line in f:
@@ -134,8 +134,10 @@ def test_search_killed_mid_generation_resumes_to_the_same_factors(search_run, ba
 def test_export_loads_in_transformers_as_longrope_with_the_same_perplexity(search_run):
     from transformers import LlamaForCausalLM
 
-    from megarope.run.data import DataConfig, eval_documents, load_documents
-    from megarope.run.tokenizer import load_tokenizer
+    from megarope.data.config import DataConfig
+    from megarope.data.samples import eval_documents
+    from megarope.data.sources import load_documents
+    from megarope.data.tokenizer import load_tokenizer
 
     folder = search_run / "stages/export/model"
     model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -169,15 +171,14 @@ def test_recipe_without_checkpoint_fails_naming_model_path(recipe):
 
 
 @pytest.mark.parametrize("stage, field", [
-    ({"name": "short", "kind": "search", "overrides": {"search": {"short": True}}}, "stages.short.factors"),
-    ({"name": "short", "kind": "search", "target_length": 256, "overrides": {"search": {"short": True}}},
-     "stages.short.target_length"),
+    ({"name": "short", "kind": "search", "short": True}, "stages.short.factors"),
+    ({"name": "short", "kind": "search", "target_length": 256, "short": True}, "stages.short.target_length"),
 ], ids=["no-long-factors", "past-the-window"])
 def test_short_search_bad_input_fails_before_running(tmp_path, stage, field):
-    from megarope.run.config import Config, ConfigError, RunConfig, StageConfig
+    from megarope.run.config import Config, ConfigError, RunConfig
     from megarope.run.pipeline import Pipeline
 
-    cfg = Config(run=RunConfig(dir=str(tmp_path / "run")), stages=[StageConfig(**stage)])
+    cfg = Config(run=RunConfig(dir=str(tmp_path / "run")), stages=[stage])
     with pytest.raises(ConfigError, match=field):
         Pipeline(cfg).preflight()
     assert not (tmp_path / "run").exists()

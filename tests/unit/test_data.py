@@ -9,16 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from megarope.run.data import (
-    DataConfig,
-    DataIterator,
-    build_samples,
-    builtin_corpus,
-    collate,
-    eval_documents,
-    load_documents,
-)
-from megarope.run.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from megarope.data.config import DataConfig, DataError
+from megarope.data.sampler import DataIterator, collate
+from megarope.data.samples import build_samples, eval_documents
+from megarope.data.sources import builtin_corpus, load_documents
+from megarope.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 BOS, EOS, PAD = ByteTokenizer.BOS, ByteTokenizer.EOS, ByteTokenizer.PAD
 
@@ -316,14 +311,14 @@ def test_iterator_resume_and_dp_slices():
 def test_errors_name_the_field(change, field, tmp_path, cache):
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "q" * 200}, {"text": "r" * 300}, {"text": "s"}])
     cfg = DataConfig(**{"source": src, "seq_len": 64, "cache_dir": cache, "eval_fraction": 0, **change})
-    with pytest.raises((ValueError, FileNotFoundError), match=field.replace(".", r"\.")):
+    with pytest.raises(DataError, match=field.replace(".", r"\.")):
         build_samples(cfg)
 
 
 def test_auto_format_needs_a_known_suffix(tmp_path, cache):
     path = tmp_path / "corpus.dat"
     path.write_text('{"text": "abc"}\n')
-    with pytest.raises(ValueError, match=r"data\.format"):
+    with pytest.raises(DataError, match=r"data\.format"):
         build_samples(DataConfig(source=str(path), cache_dir=cache, eval_fraction=0))
     samples = build_samples(DataConfig(source=str(path), format="json", seq_len=2, cache_dir=cache, eval_fraction=0))
     assert samples[0]["tokens"].tolist() == [BOS, ord("a")]

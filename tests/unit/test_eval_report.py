@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from megarope.eval.metrics import METRICS_FILE, MetricsWriter, read_metrics
-from megarope.eval.passkey import accuracy_by_depth, passkey_correct, passkey_samples
+from megarope.eval.passkey import accuracy_by_depth, passkey_lm_sample, passkey_samples, wrong_tokens
 from megarope.eval.report import PLOT_FILES, format_table, loss_figure, rescale_factors, write_report
 from megarope.rope.config import RopeConfig
-from megarope.run.tokenizer import ByteTokenizer, HFTokenizer
+from megarope.data.tokenizer import ByteTokenizer, HFTokenizer
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -82,17 +82,22 @@ def test_passkey_deterministic_and_length_checked():
 
 
 def test_passkey_scoring():
+    """The production scorer: the answer mask of passkey_lm_sample, wrong_tokens (as the engine
+    counts them from its argmax) and accuracy_by_depth."""
     samples = passkey_samples(ByteTokenizer(), 400, DEPTHS, 2, seed=11)
-    perfect = [passkey_correct(s, s["tokens"][1:]) for s in samples]  # guess for t+1 at t
-    shifted = [passkey_correct(s, s["tokens"]) for s in samples]  # repeats the current token
+    scored = [passkey_lm_sample(s) for s in samples]
+    perfect = [wrong_tokens(x["labels"], x["labels"], x["loss_mask"]).item() for x in scored]  # guess for t+1 at t
+    shifted = [wrong_tokens(x["tokens"], x["labels"], x["loss_mask"]).item() for x in scored]  # repeats token t
     assert accuracy_by_depth(samples, perfect) == {d: 1.0 for d in DEPTHS}
     assert accuracy_by_depth(samples, shifted) == {d: 0.0 for d in DEPTHS}
+    # the mask covers exactly the scored answer tokens
+    s, x = samples[0], scored[0]
+    assert torch.equal(torch.nonzero(x["loss_mask"][0]).flatten() + 1, s["answer_positions"])
     # one wrong digit fails the sample
-    s = samples[0]
-    wrong = s["tokens"][1:].clone()
-    wrong[s["answer_positions"][2] - 1] += 1
-    assert not passkey_correct(s, wrong)
-    half = [True, False] * len(DEPTHS)
+    wrong = x["labels"].clone()
+    wrong[0, s["answer_positions"][2] - 1] += 1
+    assert wrong_tokens(wrong, x["labels"], x["loss_mask"]).item() == 1
+    half = [0, 1] * len(DEPTHS)
     assert accuracy_by_depth(samples, half) == {d: 0.5 for d in DEPTHS}
 
 

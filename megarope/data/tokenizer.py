@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence, Union
 
+from megarope.data.config import DataError
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens.
@@ -64,10 +66,8 @@ class HFTokenizer:
     def __init__(self, hf: Any, name: str = ""):
         self.hf = hf
         if hf.eos_token_id is None:
-            raise ValueError(
-                f"data.tokenizer: tokenizer {name!r} defines no EOS token; documents and assistant "
-                "turns are terminated with EOS"
-            )
+            raise DataError("data.tokenizer", f"tokenizer {name!r} defines no EOS token; documents and "
+                            "assistant turns are terminated with EOS")
         # BOS is optional (some families have none); PAD falls back to EOS as in most causal LMs.
         # Padding is never found by comparing ids: masks are built from positions.
         self.bos_id = hf.bos_token_id
@@ -95,9 +95,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
         return ByteTokenizer()
     path = os.path.expanduser(spec)
     if not os.path.isdir(path):
-        raise FileNotFoundError(
-            f"data.tokenizer: {spec!r} is neither 'bytes' nor an existing tokenizer/checkpoint folder"
-        )
+        raise DataError("data.tokenizer", f"{spec!r} is neither 'bytes' nor an existing tokenizer/checkpoint folder")
     from transformers import AutoTokenizer
 
     return HFTokenizer(AutoTokenizer.from_pretrained(path), name=spec)

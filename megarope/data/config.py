@@ -1,0 +1,52 @@
+"""The data settings (``data`` group of a run) and their checks; :class:`DataError` for bad data input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megarope.errors import MegaropeError
+
+FORMATS = ("text", "json", "parquet")
+
+
+class DataError(MegaropeError):
+    """Bad data input; ``field`` is the ``data.*`` key to change (``data.source``, ``data.seq_len``)."""
+
+
+@dataclass
+class DataConfig:
+    """Single source of data defaults; plain types so Hydra structured configs can take it as is."""
+
+    source: str = "builtin"  # "builtin", a local file/folder, or a cached hub dataset name
+    format: str = "auto"  # "text" | "json" | "parquet" | "auto" (by file suffix)
+    kind: str = "lm"  # "lm" (documents) | "sft" (conversations)
+    tokenizer: str = "bytes"  # "bytes" or a tokenizer/checkpoint folder
+    seq_len: int = 4096
+    mode: str = "packed"  # lm only: "packed" | "truncated"
+    num_samples: Optional[int] = None  # None: every sample the split yields
+    min_tokens: int = 0  # shorter documents/conversations (with BOS/EOS) are skipped
+    text_key: str = "text"
+    cache_dir: Optional[str] = None  # None: $XDG_CACHE_HOME/megarope or ~/.cache/megarope
+    seed: int = 1234
+    reset_position_ids: bool = False  # packed lm only: positions restart per document, cu_seqlens given
+    eval_fraction: float = 0.1  # share of documents, chosen by hash, in the "eval" split
+
+
+def check_config(cfg: DataConfig) -> None:
+    """Raise :class:`DataError` naming the first bad field; cheap, so call it before loading anything."""
+    if cfg.kind not in ("lm", "sft"):
+        raise DataError("data.kind", f"expected 'lm' or 'sft', got {cfg.kind!r}")
+    if cfg.mode not in ("packed", "truncated"):
+        raise DataError("data.mode", f"expected 'packed' or 'truncated', got {cfg.mode!r}")
+    if cfg.format not in FORMATS + ("auto",):
+        raise DataError("data.format", f"expected one of {FORMATS + ('auto',)}, got {cfg.format!r}")
+    if not isinstance(cfg.seq_len, int) or cfg.seq_len < 1:
+        raise DataError("data.seq_len", f"expected a positive integer, got {cfg.seq_len!r}")
+    if cfg.num_samples is not None and (not isinstance(cfg.num_samples, int) or cfg.num_samples < 1):
+        raise DataError("data.num_samples", f"expected a positive integer or None, got {cfg.num_samples!r}")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise DataError("data.eval_fraction", f"expected a value in [0, 1), got {cfg.eval_fraction!r}")
+    if cfg.reset_position_ids and (cfg.kind, cfg.mode) != ("lm", "packed"):
+        raise DataError("data.reset_position_ids", "True applies to kind='lm', mode='packed' only "
+                        f"(got kind={cfg.kind!r}, mode={cfg.mode!r}): other samples hold one document each")

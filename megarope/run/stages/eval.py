@@ -1,0 +1,55 @@
+"""``eval``: perplexity at ``eval.lengths`` and passkey retrieval at ``eval.passkey_lengths``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from megarope.data.samples import eval_documents, lm_sample
+from megarope.data.sources import load_documents
+from megarope.eval.passkey import accuracy_by_depth, passkey_lm_sample, passkey_samples
+from megarope.run.config import StageConfig
+from megarope.run.context import StageContext, StageKind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalStage(StageConfig):
+    """An evaluation stage; its settings are the run's ``eval`` and ``data`` groups."""
+
+
+def _perplexity(ctx: StageContext, engine) -> dict:
+    cfg, name = ctx.cfg, ctx.stage.name
+    docs = load_documents(cfg.data, "eval")
+    table = {}
+    for length in cfg.eval.lengths:
+        rows = eval_documents(docs, ctx.tokenizer, length + 1, cfg.eval.num_docs, cfg.data.text_key)
+        table[length] = engine.perplexity(lm_sample(row) for row in rows)
+        ctx.metrics.write({"stage": "eval", "run_stage": name, "method": name, "length": length,
+                           "ppl": table[length], "num_docs": len(rows)})
+        log.info("%s length %d ppl %.3f", name, length, table[length])
+    return table
+
+
+def _passkey(ctx: StageContext, engine) -> dict:
+    e, name = ctx.cfg.eval, ctx.stage.name
+    out = {}
+    for length in e.passkey_lengths:
+        samples = passkey_samples(ctx.tokenizer, length + 1, e.passkey_depths, e.passkey_per_depth, e.seed)
+        wrong = engine.score([passkey_lm_sample(s) for s in samples])[:, 2]
+        counts = {d: sum(s["depth"] == d for s in samples) for d in e.passkey_depths}
+        for depth, accuracy in accuracy_by_depth(samples, wrong.tolist()).items():
+            out[f"{length}@{depth}"] = accuracy
+            ctx.metrics.write({"stage": "passkey", "run_stage": name, "method": name, "length": length,
+                               "depth": depth, "accuracy": accuracy, "num_samples": counts[depth]})
+    return out
+
+
+def run(ctx: StageContext) -> dict:
+    engine = ctx.engine()
+    return {"kind": "eval", "ppl": _perplexity(ctx, engine), "passkey": _passkey(ctx, engine),
+            "rope": ctx.rope.to_dict()}
+
+
+KIND = StageKind(EvalStage, run)

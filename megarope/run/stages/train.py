@@ -1,0 +1,90 @@
+"""``train``: fine-tune (or pre-train) with the stage's RoPE; checkpoints in ``checkpoints/``.
+
+``train.epochs`` > 0 derives the step count from the number of training samples. An interrupted
+stage resumes from its latest checkpoint, data order included (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from megarope.data.sampler import DataIterator
+from megarope.run import checkpoint
+from megarope.run.config import StageConfig
+from megarope.run.context import StageContext, StageKind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainStage(StageConfig):
+    """A training stage; its settings are the run's ``train``, ``data`` and ``checkpoint`` groups."""
+
+
+def check(ctx: StageContext) -> None:
+    _ = ctx.rope
+    ctx.train_samples()
+
+
+def _steps(ctx: StageContext, num_samples: int) -> int:
+    t = ctx.cfg.train
+    if not t.epochs:
+        return t.steps
+    steps = t.epochs * (num_samples // t.global_batch_size)
+    log.info("%s: %d epochs of %d samples at batch %d = %d steps", ctx.stage.name, t.epochs, num_samples,
+             t.global_batch_size, steps)
+    return steps
+
+
+def run(ctx: StageContext) -> dict:
+    samples = ctx.train_samples()
+    steps = _steps(ctx, len(samples))
+    engine = ctx.engine(train_steps=steps)
+    per_rank = ctx.cfg.train.global_batch_size // engine.dp_size
+    batches = DataIterator(samples, per_rank, seed=ctx.cfg.train.seed, dp_rank=engine.dp_rank,
+                           dp_size=engine.dp_size)
+    step = 0
+    resume = checkpoint.latest(ctx.dir / "checkpoints")
+    if resume is not None:
+        common = checkpoint.load(engine, resume)
+        step = common["step"]
+        batches.load_state_dict(common["data"])
+        log.info("resumed %s from %s (step %d)", ctx.stage.name, resume, step)
+    step, loss = _loop(ctx, engine, batches, step, steps)
+    return {"kind": "train", "steps": step, "final_loss": loss, "rope": ctx.rope.to_dict()}
+
+
+def _loop(ctx: StageContext, engine, batches: DataIterator, step: int, steps: int) -> tuple[int, float]:
+    """Train from ``step`` to ``steps``, checkpointing every ``checkpoint.every`` steps, at the end
+    and when a stop signal arrives (then :class:`checkpoint.Interrupted` is raised)."""
+    cfg, name = ctx.cfg, ctx.stage.name
+    mbs, per_rank = cfg.parallel.micro_batch_size, batches.batch_size
+    tokens_per_step = cfg.train.global_batch_size * ctx.seq_len
+    loss = float("nan")
+    with checkpoint.StopSignal() as stop:
+        started, first = time.monotonic(), step
+        while step < steps:
+            batch = next(batches)
+            micro = [{k: v[i : i + mbs] for k, v in batch.items() if k != "cu_seqlens"}
+                     for i in range(0, per_rank, mbs)]
+            out = engine.train_step(micro)
+            step, loss = step + 1, out["loss"]
+            elapsed = time.monotonic() - started
+            rate = tokens_per_step * (step - first) / max(elapsed, 1e-9)
+            ctx.metrics.write({"stage": name, "step": step, "loss": loss, "lr": engine.lr,
+                               "grad_norm": out["grad_norm"], "tokens_per_s": rate})
+            if step % cfg.train.log_every == 0 or step == steps:
+                log.info("%s step %d/%d loss %.4f lr %.2e %.0f tok/s eta %.0fs", name, step, steps, loss,
+                         engine.lr, rate, (steps - step) * elapsed / (step - first))
+            final, stopping = step == steps, stop.requested()
+            if final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                checkpoint.save(engine, ctx.dir / "checkpoints", step, {"data": batches.state_dict()},
+                                keep=cfg.checkpoint.keep)
+            if stopping and not final:
+                raise checkpoint.Interrupted(stop.received)
+    return step, loss
+
+
+KIND = StageKind(TrainStage, run, check)
