@@ -28,7 +28,7 @@ def run(cfg) -> dict:
     from megarope.run.pipeline import Pipeline, resolve_stages
 
     cfg.stages = resolve_stages(cfg.stages)
-    validate(cfg, world_size=dist.detect_launch().world_size)
+    validate(cfg, world_size=dist.world_size())
     return Pipeline(cfg).run()
 
 

@@ -25,6 +25,7 @@ import torch
 
 from megarope.data.samples import lm_sample
 from megarope.data.tokenizer import Tokenizer
+from megarope.errors import MegaropeError
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -33,6 +34,10 @@ TASK = (
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+
+
+class EvalConfigError(MegaropeError):
+    """Bad evaluation setting; ``field`` is the ``eval.*`` key."""
 
 
 def passkey_samples(
@@ -51,12 +56,12 @@ def passkey_samples(
     rank only, so every length of one evaluation asks for the same keys.
     """
     if digits < 1:
-        raise ValueError(f"passkey digits={digits}: expected a positive integer")
+        raise EvalConfigError("passkey digits", f"expected a positive integer, got {digits}")
     if num_per_depth < 1:
-        raise ValueError(f"passkey num_per_depth={num_per_depth}: expected a positive integer")
+        raise EvalConfigError("eval.passkey_per_depth", f"expected a positive integer, got {num_per_depth}")
     bad = [d for d in depths if not 0.0 <= d <= 1.0]
     if bad or not depths:
-        raise ValueError(f"passkey depths={list(depths)}: expected a non-empty list of values in [0, 1]")
+        raise EvalConfigError("eval.passkey_depths", f"expected a non-empty list of values in [0, 1], got {list(depths)}")
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     head = bos + tokenizer.encode(TASK + "\n")
     question = tokenizer.encode("\n" + QUESTION)
@@ -72,9 +77,8 @@ def passkey_samples(
             fixed = len(head) + len(key_line) + len(question) + len(answer)
             n_filler = length - fixed
             if n_filler < 0:
-                raise ValueError(
-                    f"passkey length={length} is shorter than the prompt without filler ({fixed} tokens)"
-                )
+                raise EvalConfigError("eval.passkey_lengths", f"passkey length={length} is shorter than the prompt "
+                                      f"without filler ({fixed} tokens)")
             n_before = int(round(depth * n_filler))
             before, after = _filler(unit, n_before), _filler(unit, n_filler - n_before)
             tokens = head + before + key_line + after + question + answer

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from megarope.errors import MegaropeError
 from megarope.rope.config import RopeConfig
 
 log = logging.getLogger(__name__)
@@ -31,15 +32,19 @@ log = logging.getLogger(__name__)
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
+class CheckpointError(MegaropeError):
+    """A Hugging Face checkpoint folder megarope cannot read; ``field`` is ``model.path``."""
+
+
 def read_hf_config(path: str | os.PathLike):
     from transformers import AutoConfig
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.path: no config.json in {path}")
+        raise CheckpointError("model.path", f"no config.json in {path}")
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in SUPPORTED:
-        raise ValueError(f"model.path: model_type {config.model_type!r} is not supported (supported: {SUPPORTED})")
+        raise CheckpointError("model.path", f"model_type {config.model_type!r} is not supported (supported: {SUPPORTED})")
     return config
 
 
@@ -86,7 +91,7 @@ def _parallel_sizes() -> tuple[int, int, int]:
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"model.path: no *.safetensors files in {path}")
+        raise CheckpointError("model.path", f"no *.safetensors files in {path}")
     weights = {}
     for file in files:
         weights.update(load_file(file))

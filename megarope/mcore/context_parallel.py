@@ -28,7 +28,7 @@ contexts.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -110,71 +110,6 @@ def slice_bshd(
     return out
 
 
-class ThdSlice(NamedTuple):
-    """One CP rank's part of a packed batch (see `slice_thd`)."""
-
-    tensors: dict[str, torch.Tensor]
-    cu_seqlens: torch.Tensor
-    """Local cumulative lengths of the padded sequences (each padded length / cp)."""
-    cu_seqlens_padded: torch.Tensor
-    """Global cumulative lengths of the padded sequences, what `cp_attention` takes."""
-
-
-def slice_thd(
-    tensors: Mapping[str, torch.Tensor],
-    cu_seqlens: torch.Tensor,
-    cp_size: int,
-    cp_rank: int,
-    seq_dim: int = 1,
-    pad_values: Mapping[str, float] | None = None,
-) -> ThdSlice:
-    """This CP rank's part of a packed batch.
-
-    ``tensors`` hold sequences packed back to back along ``seq_dim`` (megatron's [1, T] packed
-    batch with the default 1), delimited by ``cu_seqlens`` ([0, ..., T]). Each sequence is padded
-    at its end to a multiple of 2·cp with ``pad_values[key]`` (default 0, so a loss_mask masks the
-    padding) and split by the load-balanced rule. ``tensors["position_ids"]`` is always set to the
-    global positions, reset per sequence and counting on through the padding, shaped
-    (1,) * seq_dim + (t_local,); any input position_ids are replaced.
-    """
-    _check_cp(cp_size, cp_rank)
-    pad_values = pad_values or {}
-    cu = cu_seqlens.to(torch.long).cpu()
-    if cu.dim() != 1 or cu.numel() < 2 or cu[0] != 0 or bool((cu.diff() < 0).any()):
-        raise ValueError(f"cu_seqlens must be 1-D, start at 0 and not decrease, got {cu_seqlens}")
-    lengths = cu.diff()
-    padded = (lengths + 2 * cp_size - 1) // (2 * cp_size) * (2 * cp_size)
-    cu_padded = torch.cat([cu.new_zeros(1), padded.cumsum(0)])
-
-    index = cp_local_indices_thd(cu_padded, cp_size, cp_rank)
-    seq = torch.searchsorted(cu_padded, index, right=True) - 1
-    position = index - cu_padded[seq]
-    valid = position < lengths[seq]
-    source = torch.where(valid, cu[seq] + position, 0)
-
-    total = int(cu[-1])
-    out = {}
-    for key, value in tensors.items():
-        if key == "position_ids":
-            continue
-        if value.dim() <= seq_dim or value.shape[seq_dim] != total:
-            raise ValueError(
-                f"tensors[{key!r}] with shape {tuple(value.shape)} has no packed dim {seq_dim} "
-                f"of cu_seqlens[-1] = {total} tokens"
-            )
-        local = value.index_select(seq_dim, source.to(value.device))
-        shape = [1] * local.dim()
-        shape[seq_dim] = -1
-        pad = ~valid.to(value.device).view(shape)
-        out[key] = local.masked_fill(pad, pad_values.get(key, 0))
-    out["position_ids"] = position.view((1,) * seq_dim + (-1,)).to(cu_seqlens.device)
-    return ThdSlice(
-        tensors=out,
-        cu_seqlens=(cu_padded // cp_size).to(cu_seqlens.dtype).to(cu_seqlens.device),
-        cu_seqlens_padded=cu_padded.to(cu_seqlens.dtype).to(cu_seqlens.device),
-    )
-
-
 class _AllGather(torch.autograd.Function):
     """All-gather along dim 0; the backward sums every rank's gradient of this rank's part."""
 
@@ -215,7 +150,7 @@ def cp_attention(
 
     bshd: q [s_local, b, h, d], k [s_local, b, h_kv, d], v [s_local, b, h_kv, d_v] in the
     load-balanced layout (megatron's sbhd order); returns [s_local, b, h, d_v].
-    thd: pass ``cu_seqlens_padded`` (global, see `ThdSlice`) and q/k/v [t_local, h(_kv), d];
+    thd: pass ``cu_seqlens_padded`` (global cumulative lengths of the padded sequences) and q/k/v [t_local, h(_kv), d];
     attention stays within each sequence; returns [t_local, h, d_v].
     GQA: h_kv must divide h. ``cp_group`` None means the default group, or no CP when
     torch.distributed is not initialised. Every rank of ``cp_group`` must call this (and its

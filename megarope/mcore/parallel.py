@@ -1,6 +1,6 @@
 """The one place that sets up distribution: process group, megatron's parallel state, seeds.
 
-Launchers (detected by ``megarope.dist.detect_launch``), in order of precedence:
+Launchers, in order of precedence:
 - torchrun (or anything torchrun-like: ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``
   set) -> ``env://``;
 - ``srun`` without torchrun (``SLURM_STEP_NUM_TASKS`` > 1) -> rank/world size from ``SLURM_*``,
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megarope.dist import Launch, detect_launch
+from megarope.dist import Launch
+from megarope.dist import launch as detect_launch  # re-exported: where this process sits
 from megarope.mcore import compat
 
 __all__ = ["Launch", "destroy", "detect_launch", "initialize"]

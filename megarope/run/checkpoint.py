@@ -23,20 +23,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megarope import dist as ranks
 from megarope.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rng_state() -> dict:
@@ -89,17 +81,17 @@ def save(engine, root: Path, step: int, common: dict, keep: int = 1) -> Path:
     root = Path(root)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f"{name}.tmp"
-    if _rank() == 0:
+    if ranks.is_rank0():
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    _barrier()
+    ranks.barrier()
     state = _sharded(engine, loading=False)
     state["common"] = {**common, "step": step, "scheduler": engine.scheduler.state_dict() if engine.scheduler else None}
     dist_checkpointing.save(state, str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
+    torch.save(_rng_state(), tmp / f"rng_rank{ranks.rank()}.pt")
+    ranks.barrier()
+    if ranks.is_rank0():
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         atomic_write_text(root / LATEST, name)
@@ -107,7 +99,7 @@ def save(engine, root: Path, step: int, common: dict, keep: int = 1) -> Path:
         for old in finished[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint %s written", final)
-    _barrier()
+    ranks.barrier()
     return final
 
 
@@ -123,7 +115,7 @@ def load(engine, path: Path, model_only: bool = False) -> dict:
     common = state["common"]
     if common.get("scheduler") and engine.scheduler is not None:
         engine.scheduler.load_state_dict(common["scheduler"])
-    rng = Path(path) / f"rng_rank{_rank()}.pt"
+    rng = Path(path) / f"rng_rank{ranks.rank()}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
     engine.rope = _rope_of(engine)

@@ -12,16 +12,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_main_rank", "score_distributed"]
+__all__ = ["score_distributed"]
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def is_main_rank() -> bool:
-    """True on global rank 0, and in a plain process without torch.distributed."""
-    return not _distributed() or dist.get_rank() == 0
 
 
 def score_distributed(

@@ -27,11 +27,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Container, Optional, Sequence, Tuple
 
-from megarope import fields
+from megarope import dist, fields
 from megarope.atomic import atomic_write_text
 from megarope.errors import MegaropeError
 from megarope.rope.config import RopeConfig, RopeConfigError
-from megarope.search.distributed import is_main_rank
 
 __all__ = [
     "Candidate",
@@ -387,7 +386,7 @@ class LongRopeSearch:
         self.fitness = fitness
         self.state_path = os.fspath(state_path) if state_path is not None else None
         self.on_generation = on_generation
-        self.is_main = is_main_rank() if is_main is None else is_main
+        self.is_main = dist.is_rank0() if is_main is None else is_main
         self._rng = random.Random(config.seed)
         self._scores: dict[Candidate, float] = {}
         self._population: list[Candidate] = []  # last finished generation, best first

@@ -5,7 +5,6 @@ from megarope.mcore.context_parallel import (
     cp_local_indices,
     cp_local_indices_thd,
     slice_bshd,
-    slice_thd,
 )
 
 
@@ -75,44 +74,14 @@ def test_slice_bshd_errors():
         slice_bshd({"tokens": torch.zeros(1, 8), "labels": torch.zeros(1, 7)}, 2, 0)
 
 
-def test_slice_thd_pads_each_sequence_and_resets_positions():
-    cu = torch.tensor([0, 5, 12], dtype=torch.int32)  # lengths 5 and 7 -> padded 8 and 8 at cp=2
-    tokens = torch.arange(1, 13).view(1, 12)
-    batch = {
-        "tokens": tokens,
-        "labels": tokens + 100,
-        "loss_mask": torch.ones(1, 12),
-        "position_ids": torch.full((1, 12), -7),
-    }
-    parts = [slice_thd(batch, cu, 2, r, pad_values={"labels": -100}) for r in range(2)]
-    # Padded packing: seq0 = 1..5 + 3 pads, seq1 = 6..12 + 1 pad; rank r takes chunks r, 3 - r.
-    assert parts[0].tensors["tokens"].tolist() == [[1, 2, 0, 0, 6, 7, 12, 0]]
-    assert parts[1].tensors["tokens"].tolist() == [[3, 4, 5, 0, 8, 9, 10, 11]]
-    assert parts[0].tensors["position_ids"].tolist() == [[0, 1, 6, 7, 0, 1, 6, 7]]
-    assert parts[1].tensors["position_ids"].tolist() == [[2, 3, 4, 5, 2, 3, 4, 5]]
-    assert parts[0].tensors["labels"].tolist() == [[101, 102, -100, -100, 106, 107, 112, -100]]
-    assert parts[1].tensors["loss_mask"].tolist() == [[1, 1, 1, 0, 1, 1, 1, 1]]
-    for part in parts:
-        assert part.cu_seqlens.tolist() == [0, 4, 8] and part.cu_seqlens.dtype == torch.int32
-        assert part.cu_seqlens_padded.tolist() == [0, 8, 16]
-
-
-def test_slice_thd_matches_thd_indices_on_packed_dim0():
-    cu = torch.tensor([0, 3, 3, 20])  # an empty sequence too
-    q = torch.randn(20, 2, 4)
+def test_thd_indices_apply_the_rule_per_padded_sequence():
+    # padded lengths 8 and 8 at cp=2: rank r takes chunks r and 3 - r of each sequence
+    cu_padded = torch.tensor([0, 8, 16])
+    assert cp_local_indices_thd(cu_padded, 2, 0).tolist() == [0, 1, 6, 7, 8, 9, 14, 15]
+    assert cp_local_indices_thd(cu_padded, 2, 1).tolist() == [2, 3, 4, 5, 10, 11, 12, 13]
+    cu_padded = torch.tensor([0, 8, 8, 32])  # an empty sequence too
     for rank in range(4):
-        part = slice_thd({"q": q}, cu, 4, rank, seq_dim=0)
-        assert part.cu_seqlens_padded.tolist() == [0, 8, 8, 32]
-        index = cp_local_indices_thd(part.cu_seqlens_padded, 4, rank)
-        q_padded = torch.cat([q[:3], q.new_zeros(5, 2, 4), q[3:], q.new_zeros(7, 2, 4)])
-        torch.testing.assert_close(part.tensors["q"], q_padded[index])
-        assert part.tensors["position_ids"].shape == (part.cu_seqlens[-1],)
-
-
-def test_slice_thd_errors():
-    with pytest.raises(ValueError, match="tokens"):
-        slice_thd({"tokens": torch.zeros(1, 9)}, torch.tensor([0, 4, 8]), 2, 0)
-    with pytest.raises(ValueError, match="cu_seqlens"):
-        slice_thd({"tokens": torch.zeros(1, 8)}, torch.tensor([0, 6, 4, 8]), 2, 0)
+        expected = torch.cat([cp_local_indices(8, 4, rank), 8 + cp_local_indices(24, 4, rank)])
+        assert torch.equal(cp_local_indices_thd(cu_padded, 4, rank), expected)
     with pytest.raises(ValueError, match=r"packed sequence 1.*parallel\.cp"):
         cp_local_indices_thd(torch.tensor([0, 8, 14]), 2, 0)

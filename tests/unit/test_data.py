@@ -285,7 +285,7 @@ def test_iterator_resume_and_dp_slices():
     assert len(set(seen)) == 20
     assert [next(ranks[0])["tokens"].flatten().tolist() for _ in range(5)] != epoch0[0]
 
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(DataError, match="train.seed: cannot resume, seed was 7"):
         DataIterator(samples, 2, seed=8, dp_rank=1, dp_size=2).load_state_dict(state)
 
 

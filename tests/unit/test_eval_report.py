@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megarope.eval.metrics import METRICS_FILE, MetricsWriter, read_metrics
-from megarope.eval.passkey import accuracy_by_depth, passkey_lm_sample, passkey_samples, wrong_tokens
+from megarope.eval.passkey import EvalConfigError, accuracy_by_depth, passkey_lm_sample, passkey_samples, wrong_tokens
 from megarope.eval.report import PLOT_FILES, format_table, loss_figure, rescale_factors, write_report
 from megarope.rope.config import RopeConfig
 from megarope.data.tokenizer import ByteTokenizer, HFTokenizer
@@ -75,9 +75,9 @@ def test_passkey_deterministic_and_length_checked():
     assert [x["passkey"] for x in a] != [x["passkey"] for x in c]
     # the same keys at every length of one evaluation
     assert [x["passkey"] for x in passkey_samples(tok, 1024, [0.1, 0.9], 2, seed=3)] == [x["passkey"] for x in a]
-    with pytest.raises(ValueError, match="shorter than the prompt"):
+    with pytest.raises(EvalConfigError, match="eval.passkey_lengths: passkey length=100 is shorter than the prompt"):
         passkey_samples(tok, 100, [0.5], 1, seed=0)
-    with pytest.raises(ValueError, match="depths"):
+    with pytest.raises(EvalConfigError, match="eval.passkey_depths"):
         passkey_samples(tok, 512, [1.5], 1, seed=0)
 
 
