@@ -88,6 +88,13 @@ class StageContext:
     def tokenizer(self):
         return self.run.tokenizer
 
+    @property
+    def factors_pending(self) -> bool:
+        """``factors`` names a stage of this run that has not finished yet: its factor file does not
+        exist before that stage runs, so the preflight checks the link, not the file."""
+        ref = self.stage.factors
+        return bool(ref) and not ref.endswith(".json") and self.run.done_info(ref) is None
+
     @cached_property
     def rope(self) -> RopeConfig:
         """The stage's RoPE: a factor file (of an earlier search), or ``method`` over the model's
@@ -147,9 +154,9 @@ class StageContext:
 
 
 def check_rope(ctx: StageContext) -> None:
-    """The check of a kind whose only bad input is its RoPE: derive it now (a stage's factor file
-    may be an earlier stage's output, read when the stage runs)."""
-    if not ctx.stage.factors:
+    """The check of a kind whose only bad input is its RoPE: derive it now, unless it is the factor
+    file of a stage that has not run yet (read when this stage runs)."""
+    if not ctx.factors_pending:
         _ = ctx.rope  # raises ConfigError naming the bad method field
 
 

@@ -20,7 +20,7 @@ from megarope.data.samples import eval_documents, lm_sample
 from megarope.data.sources import load_documents
 from megarope.rope.config import RopeConfig
 from megarope.run.config import ConfigError, StageConfig
-from megarope.run.context import StageContext, StageKind
+from megarope.run.context import StageContext, StageKind, check_rope
 from megarope.search.distributed import score_distributed
 from megarope.search.evolution import LongRopeSearch, SearchConfig, to_rope_config, write_factor_file
 from megarope.search.plots import plot_search
@@ -67,8 +67,7 @@ def check(ctx: StageContext) -> None:
             _long_rope(ctx)
     elif not ctx.stage.target_length:
         raise ConfigError(f"{_where(ctx)}.target_length", "a search stage needs its target length")
-    if not ctx.stage.factors:
-        _ = ctx.rope
+    check_rope(ctx)
 
 
 def _plan(ctx: StageContext) -> tuple[SearchConfig, RopeConfig, int, Callable, dict]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from megarope.data.sampler import DataIterator
 from megarope.run import checkpoint
 from megarope.run.config import StageConfig
-from megarope.run.context import StageContext, StageKind
+from megarope.run.context import StageContext, StageKind, check_rope
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class TrainStage(StageConfig):
 
 
 def check(ctx: StageContext) -> None:
-    _ = ctx.rope
+    check_rope(ctx)
     ctx.train_samples()
 
 
