@@ -30,6 +30,7 @@ from typing import Any, Callable, Container, Optional, Sequence, Tuple
 from megarope import dist, fields
 from megarope.atomic import atomic_write_text
 from megarope.errors import MegaropeError
+from megarope.progress import Progress
 from megarope.rope.config import RopeConfig, RopeConfigError
 
 __all__ = [
@@ -400,13 +401,17 @@ class LongRopeSearch:
     # ----------------------------------------------------------------------------- main loop
     def run(self) -> SearchResult:
         self._session_start = time.monotonic()
-        self._session_generations = 0
-        while self._generation < self.config.iterations:
-            if self._pending is None:
-                self._pending = self._initial_population() if self._generation < 0 else self._children()
-                self._save()
-            self._score_pending()
-            self._finish_generation()
+        # generation 0 is the initial population: iterations + 1 generations in all
+        with Progress("search", self.config.iterations + 1, unit="generation", initial=self._generation + 1,
+                      enabled=self.is_main) as bar:
+            while self._generation < self.config.iterations:
+                if self._pending is None:
+                    self._pending = self._initial_population() if self._generation < 0 else self._children()
+                    self._save()
+                self._score_pending()
+                self._finish_generation()
+                entry = self._history[-1]
+                bar.update(best_ppl=entry["best_ppl"], mean_ppl=entry["mean_ppl"], evaluated=entry["evaluations"])
         return self.result()
 
     def result(self) -> SearchResult:
@@ -501,29 +506,9 @@ class LongRopeSearch:
                 "evaluations": len(self._scores),
             }
         )
-        self._session_generations += 1
         self._save()
-        self._log_progress()
         if self.on_generation is not None:
             self.on_generation(self.result())
-
-    def _log_progress(self) -> None:
-        if not self.is_main:
-            return
-        session = time.monotonic() - self._session_start
-        remaining = self.config.iterations - self._generation
-        eta = session / self._session_generations * remaining
-        entry = self._history[-1]
-        logger.info(
-            "search generation %d/%d: best ppl %.4f, mean ppl %.4f, %d evaluated, elapsed %s, ETA %s",
-            self._generation,
-            self.config.iterations,
-            entry["best_ppl"],
-            entry["mean_ppl"],
-            entry["evaluations"],
-            _hms(self._elapsed + session),
-            _hms(eta),
-        )
 
     # ----------------------------------------------------------------------------- state file
     def _state(self) -> dict[str, Any]:
@@ -576,11 +561,6 @@ class LongRopeSearch:
                 self.config.iterations,
                 len(self._scores),
             )
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 # --------------------------------------------------------------------------------- outputs

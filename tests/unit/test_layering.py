@@ -1,6 +1,6 @@
 """Imports run one way: no module of the package imports a layer above its own (docs/extending.md).
 
-Levels: errors/atomic/dist/fields/plotting (0) < rope (1) < mcore (2) < hf, data (3) < search,
+Levels: errors/atomic/dist/fields/plotting/progress (0) < rope (1) < mcore (2) < hf, data (3) < search,
 eval (4) < run (5) < __main__ (6). Two packages of one level do not import each other either
 (level 0's single modules aside), so no cycle can hide there. Imports inside functions count.
 """
@@ -12,7 +12,7 @@ import megarope
 
 ROOT = Path(megarope.__file__).parent
 LEVELS = {
-    "errors": 0, "atomic": 0, "dist": 0, "fields": 0, "plotting": 0,
+    "errors": 0, "atomic": 0, "dist": 0, "fields": 0, "plotting": 0, "progress": 0,
     "rope": 1, "mcore": 2, "hf": 3, "data": 3, "search": 4, "eval": 4, "run": 5, "__main__": 6,
     # the package itself re-exports RopeConfig, from_hf and the layer-spec helpers (rope, mcore, hf)
     "": 3,

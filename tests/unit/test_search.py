@@ -321,14 +321,15 @@ def test_state_file_format_and_longer_resume(tmp_path):
 
 def test_only_the_main_rank_writes_and_logs(tmp_path, caplog):
     state = tmp_path / "state.json"
-    with caplog.at_level(logging.INFO, logger="megarope.search.evolution"):
+    with caplog.at_level(logging.INFO, logger="megarope"):
         LongRopeSearch(small(iterations=2), Synthetic(small()), state_path=state, is_main=False).run()
         assert not state.exists() and not caplog.records
         seen = []
         LongRopeSearch(small(iterations=2), Synthetic(small()), state_path=state, on_generation=seen.append).run()
     messages = [r.getMessage() for r in caplog.records]
-    assert [m.split(":")[0] for m in messages] == [f"search generation {i}/2" for i in range(3)]
-    assert "best ppl" in messages[-1] and "mean ppl" in messages[-1] and "ETA" in messages[-1]
+    # generation 0 (the initial population) counts: 3 generations for iterations=2
+    assert [m.split(" | ")[0] for m in messages] == [f"search {i}/3 generations" for i in range(1, 4)]
+    assert "best_ppl" in messages[-1] and "mean_ppl" in messages[-1] and "eta" in messages[-1]
     assert [r.generation for r in seen] == [0, 1, 2] and [len(r.history) for r in seen] == [1, 2, 3]
 
 

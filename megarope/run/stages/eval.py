@@ -43,13 +43,24 @@ def _passkey(ctx: StageContext, engine) -> dict:
             out[f"{length}@{depth}"] = accuracy
             ctx.metrics.write({"stage": "passkey", "run_stage": name, "method": name, "length": length,
                                "depth": depth, "accuracy": accuracy, "num_samples": counts[depth]})
+        log.info("%s passkey length %d: %d/%d retrieved", name, length, len(samples) - int(wrong.gt(0).sum()),
+                 len(samples))
     return out
+
+
+def summary_line(name: str, ppl: dict, passkey: dict) -> str:
+    """One console line per evaluated method: perplexity by length, passkey accuracy by length@depth."""
+    line = f"{name}: ppl " + " ".join(f"{length}:{value:.3f}" for length, value in ppl.items())
+    if passkey:
+        line += " | passkey " + " ".join(f"{cell}:{value:.2f}" for cell, value in passkey.items())
+    return line
 
 
 def run(ctx: StageContext) -> dict:
     engine = ctx.engine()
-    return {"kind": "eval", "ppl": _perplexity(ctx, engine), "passkey": _passkey(ctx, engine),
-            "rope": ctx.rope.to_dict()}
+    ppl, passkey = _perplexity(ctx, engine), _passkey(ctx, engine)
+    log.info("%s", summary_line(ctx.stage.name, ppl, passkey))
+    return {"kind": "eval", "ppl": ppl, "passkey": passkey, "rope": ctx.rope.to_dict()}
 
 
 KIND = StageKind(EvalStage, run)

@@ -7,10 +7,10 @@ stage resumes from its latest checkpoint, data order included (bitwise on CPU).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from megarope.data.sampler import DataIterator
+from megarope.progress import Progress
 from megarope.run import checkpoint
 from megarope.run.config import StageConfig
 from megarope.run.context import StageContext, StageKind, check_rope
@@ -63,21 +63,16 @@ def _loop(ctx: StageContext, engine, batches: DataIterator, step: int, steps: in
     mbs, per_rank = cfg.parallel.micro_batch_size, batches.batch_size
     tokens_per_step = cfg.train.global_batch_size * ctx.seq_len
     loss = float("nan")
-    with checkpoint.StopSignal() as stop:
-        started, first = time.monotonic(), step
+    with checkpoint.StopSignal() as stop, Progress(name, steps, initial=step, every=cfg.train.log_every) as bar:
         while step < steps:
             batch = next(batches)
             micro = [{k: v[i : i + mbs] for k, v in batch.items() if k != "cu_seqlens"}
                      for i in range(0, per_rank, mbs)]
             out = engine.train_step(micro)
             step, loss = step + 1, out["loss"]
-            elapsed = time.monotonic() - started
-            rate = tokens_per_step * (step - first) / max(elapsed, 1e-9)
+            bar.update(tokens=tokens_per_step, loss=loss, lr=engine.lr)
             ctx.metrics.write({"stage": name, "step": step, "loss": loss, "lr": engine.lr,
-                               "grad_norm": out["grad_norm"], "tokens_per_s": rate})
-            if step % cfg.train.log_every == 0 or step == steps:
-                log.info("%s step %d/%d loss %.4f lr %.2e %.0f tok/s eta %.0fs", name, step, steps, loss,
-                         engine.lr, rate, (steps - step) * elapsed / (step - first))
+                               "grad_norm": out["grad_norm"], "tokens_per_s": bar.tokens_per_s})
             final, stopping = step == steps, stop.requested()
             if final or stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 checkpoint.save(engine, ctx.dir / "checkpoints", step, {"data": batches.state_dict()},
