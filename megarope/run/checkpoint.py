@@ -165,7 +165,8 @@ class StopSignal:
 
 
 class Interrupted(Exception):
-    """The run stopped on a signal after writing a checkpoint; the job should be requeued."""
+    """The run stopped on a signal after writing a checkpoint (or search state); the job should be
+    requeued."""
 
     def __init__(self, signum: int):
         super().__init__(f"stopped on signal {signum}, checkpoint written")

@@ -67,6 +67,14 @@ class SearchConfigError(MegaropeError):
         super().__init__(f"search.{field}", message)
 
 
+class SearchStopped(Exception):
+    """The search stopped because ``stop_requested()`` said so; its state file holds everything
+    scored so far (a new search on the same state path resumes it)."""
+
+    def __init__(self, generation: int, evaluations: int):
+        super().__init__(f"search stopped after generation {generation} with {evaluations} candidates scored")
+
+
 @dataclass
 class SearchConfig:
     """Every knob of the search; defaults are the paper's (Table 4 and §3.2).
@@ -365,6 +373,9 @@ class LongRopeSearch:
     ``fitness_chunk`` of scores and once the generation is ranked; a new instance with the same
     path resumes from it, re-scoring nothing already scored. ``on_generation(result)`` runs on
     every rank after each generation (generation 0 is the scored initial population).
+    ``stop_requested()`` (collective: every rank calls it at the same points) is asked after each
+    scored chunk and each generation; when it says yes the state is saved and :class:`SearchStopped`
+    is raised, so a new instance on the same path continues exactly where this one stopped.
 
     Under torch.distributed every rank runs its own instance with the same config and a fitness
     built on :func:`~megarope.search.distributed.score_distributed`; ``is_main`` (default: global
@@ -379,6 +390,7 @@ class LongRopeSearch:
         on_generation: Callable[[SearchResult], None] | None = None,
         *,
         is_main: bool | None = None,
+        stop_requested: Callable[[], bool] | None = None,
     ):
         if not config.has_model:
             missing = "scale" if config.scale is None else "original_max_position_embeddings"
@@ -388,6 +400,7 @@ class LongRopeSearch:
         self.state_path = os.fspath(state_path) if state_path is not None else None
         self.on_generation = on_generation
         self.is_main = dist.is_rank0() if is_main is None else is_main
+        self.stop_requested = stop_requested
         self._rng = random.Random(config.seed)
         self._scores: dict[Candidate, float] = {}
         self._population: list[Candidate] = []  # last finished generation, best first
@@ -412,6 +425,8 @@ class LongRopeSearch:
                 self._finish_generation()
                 entry = self._history[-1]
                 bar.update(best_ppl=entry["best_ppl"], mean_ppl=entry["mean_ppl"], evaluated=entry["evaluations"])
+                if self._generation < self.config.iterations:
+                    self._stop_if_requested()
         return self.result()
 
     def result(self) -> SearchResult:
@@ -489,6 +504,12 @@ class LongRopeSearch:
                 self._scores[candidate] = math.inf if math.isnan(score) else score
             if self.config.fitness_chunk:
                 self._save()
+                self._stop_if_requested()
+
+    def _stop_if_requested(self) -> None:
+        if self.stop_requested is not None and self.stop_requested():
+            self._save()
+            raise SearchStopped(self._generation, len(self._scores))
 
     def _finish_generation(self) -> None:
         survivors = self._population[: self.config.topk] if self._generation >= 0 else []

@@ -125,12 +125,13 @@ def with_overrides(body: str, overrides: list[str]) -> str:
     for line in logical_lines(body):
         if MEGAROPE.search(line):
             code, _, comment = line.partition(" #")
-            if re.search(r"&&|\|\||[;|]", code):
+            if re.search(r"&&|\|\||;", code):
                 raise AssertionError(f"doc-test overrides: put `{line.strip()}` on a line of its own")
             # after the command's own overrides (the last value wins), before hydra's flags
-            # (`--cfg job`): argparse takes no overrides after those
-            flag = re.compile(r"\s--?\w").search(code, MEGAROPE.search(code).end())
-            at = flag.start() if flag else len(code.rstrip())
+            # (`--cfg job`, argparse takes no overrides after those) and before a redirection or
+            # a pipe into another command (`2>&1 | tee log`)
+            end = re.compile(r"\s(?:--?\w|\d?>|\|)").search(code, MEGAROPE.search(code).end())
+            at = end.start() if end else len(code.rstrip())
             line = code[:at] + extra + code[at:].rstrip() + (f"  #{comment}" if comment else "")
         out.append(line)
     return "\n".join(out) + "\n"
@@ -147,6 +148,15 @@ def scratch_checkout(tmp: Path) -> Path:
 
 
 BLOCKS = shell_blocks()
+
+
+def test_overrides_go_before_flags_and_pipes():
+    body = "python -m megarope recipe=tiny 2>&1 | tee log  # why\npython -m megarope recipe=a --cfg job\n"
+    assert with_overrides(body, ["train.steps=2"]) == (
+        "python -m megarope recipe=tiny train.steps=2 2>&1 | tee log  # why\n"
+        "python -m megarope recipe=a train.steps=2 --cfg job\n")
+    with pytest.raises(AssertionError, match="on a line of its own"):
+        with_overrides("cd x && python -m megarope recipe=tiny\n", ["train.steps=2"])
 
 
 def test_every_fence_is_tagged():

@@ -18,6 +18,7 @@ from megarope.search.evolution import (
     LongRopeSearch,
     SearchConfig,
     SearchConfigError,
+    SearchStopped,
     crossover,
     is_valid,
     mutate,
@@ -409,3 +410,25 @@ def test_exhausted_search_space_shrinks_generations(caplog):
         result = LongRopeSearch(cfg, Synthetic(cfg)).run()
     assert result.evaluations == 2 and len(result.population) == 2
     assert "no new candidate" in caplog.text
+
+
+@pytest.mark.parametrize("stop_at", [1, 2, 5])
+def test_a_stopped_search_resumes_to_the_uninterrupted_result(tmp_path, stop_at):
+    """stop_requested is asked after every scored chunk and generation; the n-th yes stops the
+    search with its state saved, and a new search on that state ends as one never stopped."""
+    cfg = small(iterations=3, fitness_chunk=2)
+    whole = LongRopeSearch(cfg, Synthetic(cfg)).run()
+    asked = []
+
+    def stop_requested():
+        asked.append(1)
+        return len(asked) == stop_at
+
+    state = tmp_path / "state.json"
+    with pytest.raises(SearchStopped):
+        LongRopeSearch(cfg, Synthetic(cfg), state_path=state, stop_requested=stop_requested).run()
+    saved = json.loads(state.read_text())
+    assert 0 < len(saved["scores"]) < whole.evaluations  # what was scored before the stop is kept
+    resumed = LongRopeSearch(cfg, Synthetic(cfg), state_path=state).run()
+    assert resumed.history == whole.history and resumed.population == whole.population
+    assert resumed.best == whole.best and resumed.evaluations == whole.evaluations

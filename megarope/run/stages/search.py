@@ -12,6 +12,7 @@ with λ up to ``lambda_max_ratio * short_scale``, and keeps the long factors and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -19,11 +20,15 @@ from megarope import dist
 from megarope.data.samples import eval_documents, lm_sample
 from megarope.data.sources import load_documents
 from megarope.rope.config import RopeConfig
+from megarope.run import checkpoint
 from megarope.run.config import ConfigError, StageConfig
 from megarope.run.context import StageContext, StageKind, check_rope
 from megarope.search.distributed import score_distributed
-from megarope.search.evolution import LongRopeSearch, SearchConfig, to_rope_config, write_factor_file
+from megarope.search.evolution import (LongRopeSearch, SearchConfig, SearchStopped, to_rope_config,
+                                       write_factor_file)
 from megarope.search.plots import plot_search
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,9 +112,15 @@ def run(ctx: StageContext) -> dict:
                            "best_ppl": last["best_ppl"], "mean_ppl": last["mean_ppl"], "length": length})
 
     # candidates spread over the data-parallel replicas, each scoring on all documents
-    search = LongRopeSearch(settings, lambda candidates: score_distributed(candidates, score_one, engine.dp_group),
-                            state_path=ctx.dir / "search_state.json", on_generation=record)
-    result = search.run()
+    with checkpoint.StopSignal() as stop:
+        search = LongRopeSearch(settings, lambda candidates: score_distributed(candidates, score_one, engine.dp_group),
+                                state_path=ctx.dir / "search_state.json", on_generation=record,
+                                stop_requested=stop.requested)
+        try:
+            result = search.run()
+        except SearchStopped as stopped:
+            log.warning("%s: %s", ctx.stage.name, stopped)
+            raise checkpoint.Interrupted(stop.received) from stopped
     if dist.is_rank0():
         write_factor_file(ctx.dir / "factors.json", rope_of(result.best),
                           {"ppl": result.best_ppl, "generation": result.generation, "target_length": length, **extra})
