@@ -23,7 +23,12 @@ def run_dir(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "megarope", "recipe=main", f"run.dir={run_dir}", *SMALL],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "pretrain step 15/15" in proc.stdout  # progress output while it runs
+    # progress while it runs (plain lines: the output is not a terminal), search too, and a
+    # per-method summary with passkey counts as each evaluation finishes
+    assert "pretrain 5/15 steps | loss" in proc.stdout and "pretrain 15/15 steps |" in proc.stdout
+    assert "search 2/2 generations | best_ppl" in proc.stdout
+    assert re.search(r"yarn: ppl 128:[\d.]+ 512:[\d.]+ 1024:[\d.]+ \| passkey 512@", proc.stdout)
+    assert "passkey length 512: " in proc.stdout
     return run_dir
 
 
