@@ -141,6 +141,9 @@ class StopSignal:
     def __enter__(self):
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+            # restart system calls the signal interrupts: a collective in flight (gloo's socket
+            # reads) must finish as on the other ranks, not fail or return early with EINTR
+            signal.siginterrupt(sig, False)
         return self
 
     def __exit__(self, *exc):
