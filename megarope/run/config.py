@@ -180,5 +180,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"model.num_attention_heads={cfg.model.num_attention_heads} is not divisible by parallel.tp={cfg.parallel.tp}")
         need(cfg.model.num_query_groups % cfg.parallel.tp == 0, "parallel.tp",
              f"model.num_query_groups={cfg.model.num_query_groups} is not divisible by parallel.tp={cfg.parallel.tp}")
+        from megarope.mcore.weights import VOCAB_MULTIPLE
+
+        need(VOCAB_MULTIPLE % cfg.parallel.tp == 0, "parallel.tp",
+             f"the tiny model's vocabulary is padded to a multiple of {VOCAB_MULTIPLE}, which parallel.tp="
+             f"{cfg.parallel.tp} does not divide")
         need(cfg.model.num_layers % cfg.parallel.pp == 0, "parallel.pp",
              f"model.num_layers={cfg.model.num_layers} is not divisible by parallel.pp={cfg.parallel.pp}")
