@@ -73,8 +73,11 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_trains_like_one_process(tmp_path, single, layout):
     nproc, overrides = LAYOUTS[layout]
-    cli(nproc, *overrides, run_dir=tmp_path / "run")
-    assert_same_losses(train_losses(tmp_path / "run"), single[1])
+    run_dir = tmp_path / "run"
+    cli(nproc, *overrides, "log.tensorboard=true", run_dir=run_dir)
+    assert_same_losses(train_losses(run_dir), single[1])
+    # the dashboard has one writer too
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
 def _stopped_at_step_2(single_dir: Path, run_dir: Path) -> None:

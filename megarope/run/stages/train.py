@@ -52,6 +52,7 @@ def run(ctx: StageContext) -> dict:
         step = common["step"]
         batches.load_state_dict(common["data"])
         log.info("resumed %s from %s (step %d)", ctx.stage.name, resume, step)
+    ctx.metrics.rewind(ctx.stage.name, step)  # steps after the checkpoint are redone: their rows go
     step, loss = _loop(ctx, engine, batches, step, steps)
     return {"kind": "train", "steps": step, "final_loss": loss, "rope": ctx.rope.to_dict()}
 
