@@ -56,6 +56,7 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
 def assert_same_losses(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> None:
     assert [s for s, _ in got] == list(range(1, STEPS + 1))  # each step exactly once, in order
     worst = max(abs(g - w) / abs(w) for (_, g), (_, w) in zip(got, want))
+    print(f"max relative loss difference {worst:.2e}")  # shown with -s / -rP
     assert worst <= RTOL, f"max relative loss difference {worst:.2e}: {got} vs {want}"
 
 
@@ -101,3 +102,13 @@ def test_resume_one_process_checkpoint_under(tmp_path, single, layout):
     nproc, overrides = LAYOUTS[layout]
     cli(nproc, *overrides, run_dir=run_dir)
     assert_same_losses(train_losses(run_dir), single[1])
+
+
+def test_resume_of_another_model_names_the_field(tmp_path, single):
+    run_dir = tmp_path / "run"
+    _stopped_at_step_2(single[0], run_dir)
+    cmd = [sys.executable, "-m", "megarope", *FAST, "model.num_layers=2", f"run.dir={run_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "error: model.num_layers: checkpoint" in proc.stdout + proc.stderr
+    assert [s for s, _ in train_losses(run_dir)] == [1, 2]  # nothing written by the refused run
