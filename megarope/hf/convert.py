@@ -102,19 +102,25 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **config_overrides):
     """A megatron-core ``GPTModel`` with megarope layers from a Hugging Face checkpoint folder.
 
-    In a plain process (no torchrun) a one-rank process group is created. Under an initialised
-    megatron parallel state, this rank's tensor-parallel shard and pipeline stage are loaded.
+    In a plain process (no torchrun) a one-rank process group is created (``parallel.destroy()``
+    ends it). Under an initialised megatron parallel state, this rank's tensor-parallel shard and
+    pipeline stage are loaded. torch is left as it was: the CPU compatibility layer is on only
+    while the model is built and while it runs (or as long as the caller's ``parallel.initialize``
+    keeps it on).
     ``rope`` overrides the checkpoint's RoPE configuration (e.g. to extend it).
     """
     from megatron.core import parallel_state
 
-    from megarope.mcore import parallel
+    from megarope.mcore import compat, parallel
 
-    if not parallel_state.model_parallel_is_initialized():
-        parallel.initialize()
-    model = build_from_hf(path, rope, **config_overrides)
+    # megatron allocates on CUDA by name when building and running the model: the CPU layer is on
+    # for exactly that, so the user's torch is left as it was between calls
+    with compat.cpu_compat():
+        if not parallel_state.model_parallel_is_initialized():
+            parallel.initialize()
+        model = build_from_hf(path, rope, **config_overrides)
     model.eval()
-    return model
+    return compat.scoped_forward(model)
 
 
 def build_from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **config_overrides):
