@@ -185,6 +185,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     lengths += [(f"stages[{i}].target_length", s.target_length) for i, s in enumerate(cfg.stages) if s.target_length]
     for key, length in lengths:
         need(length % multiple == 0, key, f"{length} tokens is not a multiple of {multiple} ({', '.join(why)})")
+    if cfg.data.reset_position_ids:
+        # packed (thd) micro-batches: padding per document changes their length, which the
+        # pipeline's fixed p2p shapes and SP's even split over TP do not allow
+        need(p.pp == 1, "parallel.pp", "packed batches (data.reset_position_ids=true) need parallel.pp=1")
+        need(not p.sp, "parallel.sp", "packed batches (data.reset_position_ids=true) need parallel.sp=false")
     for key, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
         need(not getattr(cfg.log, key) or importlib.util.find_spec(module) is not None, f"log.{key}",
              f"the {module} package is not installed (pip install {module})")

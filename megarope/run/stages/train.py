@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from megarope.data.sampler import DataIterator
+from megarope.data.sampler import DataIterator, micro_batches
 from megarope.run import checkpoint
 from megarope.run.config import StageConfig
 from megarope.run.context import StageContext, StageKind, check_rope
@@ -61,16 +61,14 @@ def _loop(ctx: StageContext, engine, batches: DataIterator, step: int, steps: in
     """Train from ``step`` to ``steps``, checkpointing every ``checkpoint.every`` steps, at the end
     and when a stop signal arrives (then :class:`checkpoint.Interrupted` is raised)."""
     cfg, name = ctx.cfg, ctx.stage.name
-    mbs, per_rank = cfg.parallel.micro_batch_size, batches.batch_size
+    mbs = cfg.parallel.micro_batch_size
     tokens_per_step = cfg.train.global_batch_size * ctx.seq_len
     loss = float("nan")
     with checkpoint.StopSignal() as stop:
         started, first = time.monotonic(), step
         while step < steps:
             batch = next(batches)
-            micro = [{k: v[i : i + mbs] for k, v in batch.items() if k != "cu_seqlens"}
-                     for i in range(0, per_rank, mbs)]
-            out = engine.train_step(micro)
+            out = engine.train_step(micro_batches(batch, mbs))
             step, loss = step + 1, out["loss"]
             elapsed = time.monotonic() - started
             rate = tokens_per_step * (step - first) / max(elapsed, 1e-9)
