@@ -46,8 +46,11 @@ def mask_padded_logits(model, vocab_size: int) -> None:
 
     def hook(module, args, output):
         logits, bias = output
-        width = logits.shape[-1]  # this TP rank's slice of the padded vocabulary
-        ids = torch.arange(tp_rank * width, (tp_rank + 1) * width, device=logits.device)
+        # this TP rank's slice of the padded vocabulary, or all of it when the layer gathered
+        # its output over TP (``runtime_gather_output``, as evaluation asks)
+        width = logits.shape[-1]
+        first = 0 if width == model.vocab_size else tp_rank * width
+        ids = torch.arange(first, first + width, device=logits.device)
         return logits.masked_fill(ids >= vocab_size, float("-inf")), bias
 
     layer.register_forward_hook(hook)

@@ -35,7 +35,7 @@ from _launch import run_distributed
 
 from megarope.rope.config import RopeConfig
 
-VOCAB = 128  # a multiple of 64 * tp: the padded vocabulary is the same in every layout
+VOCAB = 128  # a multiple of 128: no padding ids (the tiny model pads to 128 whatever the layout)
 SEQ = 64
 WINDOW = 16
 STEPS = 3

@@ -21,8 +21,9 @@ from megarope.eval.metrics import read_metrics
 STEPS = 4
 RTOL = 1e-5
 # few short steps; every layout below divides these (CP2 chunks of 2*cp, SP over TP, PP over 4 layers)
-FAST = ["recipe=tiny", "data.seq_len=64", "train.global_batch_size=4", f"train.steps={STEPS}",
-        "stages=[{name: train, kind: train}]"]
+# an eval of the trained model too: its perplexity goes through the gathered (unsharded) logits
+FAST = ["recipe=tiny", "data.seq_len=64", "train.global_batch_size=4", f"train.steps={STEPS}", "eval.lengths=[64]",
+        "eval.num_docs=2", "stages=[{name: train, kind: train}, {name: eval, kind: eval, init: train}]"]
 
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
@@ -53,6 +54,11 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "train"]
 
 
+def eval_ppl(run_dir: Path) -> float:
+    (row,) = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["stage"] == "eval"]
+    return row["ppl"]
+
+
 def assert_same_losses(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> None:
     assert [s for s, _ in got] == list(range(1, STEPS + 1))  # each step exactly once, in order
     worst = max(abs(g - w) / abs(w) for (_, g), (_, w) in zip(got, want))
@@ -68,7 +74,7 @@ def single(tmp_path_factory):
     cli(1, "checkpoint.every=2", "checkpoint.keep=2", run_dir=run_dir)
     losses = train_losses(run_dir)
     assert [s for s, _ in losses] == list(range(1, STEPS + 1))
-    return run_dir, losses
+    return run_dir, losses, eval_ppl(run_dir)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -77,6 +83,7 @@ def test_layout_trains_like_one_process(tmp_path, single, layout):
     run_dir = tmp_path / "run"
     cli(nproc, *overrides, "log.tensorboard=true", run_dir=run_dir)
     assert_same_losses(train_losses(run_dir), single[1])
+    assert eval_ppl(run_dir) == pytest.approx(single[2], rel=RTOL)  # written once, padding ids masked
     # the dashboard has one writer too
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
@@ -88,6 +95,7 @@ def _stopped_at_step_2(single_dir: Path, run_dir: Path) -> None:
     ckpts = run_dir / "stages/train/checkpoints"
     shutil.rmtree(ckpts / f"step_{STEPS:08d}")
     (ckpts / "latest").write_text("step_00000002")
+    shutil.rmtree(run_dir / "stages/eval")
     (run_dir / "stages/train/done.json").unlink()
     (run_dir / "summary.json").unlink()
     metrics = run_dir / "metrics.jsonl"
@@ -102,6 +110,7 @@ def test_resume_one_process_checkpoint_under(tmp_path, single, layout):
     nproc, overrides = LAYOUTS[layout]
     cli(nproc, *overrides, run_dir=run_dir)
     assert_same_losses(train_losses(run_dir), single[1])
+    assert eval_ppl(run_dir) == pytest.approx(single[2], rel=RTOL)
 
 
 def test_resume_of_another_model_names_the_field(tmp_path, single):
