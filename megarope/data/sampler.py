@@ -26,6 +26,21 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
+def micro_batches(batch: dict, size: int) -> list[dict]:
+    """``batch`` cut into micro-batches of ``size`` rows; ``cu_seqlens`` cut with them (every row
+    starts a sequence of its own, so the row boundaries are among the offsets)."""
+    rows, out = batch["tokens"].shape[0], []
+    s = batch["tokens"].shape[1]
+    for first in range(0, rows, size):
+        micro = {k: v[first : first + size] for k, v in batch.items() if k != "cu_seqlens"}
+        if "cu_seqlens" in batch:
+            cu = batch["cu_seqlens"]
+            lo, hi = first * s, min(first + size, rows) * s
+            micro["cu_seqlens"] = cu[(cu >= lo) & (cu <= hi)] - lo
+        out.append(micro)
+    return out
+
+
 class DataIterator:
     """Endless batches in a seeded shuffled order per epoch.
 

@@ -369,7 +369,7 @@ def write_report(
     pre-extension RoPE base for the factors (see :func:`rescale_factors`).
     """
     run_dir = os.fspath(run_dir)
-    rows = read_metrics(os.path.join(run_dir, METRICS_FILE), dedupe=True)
+    rows = read_metrics(os.path.join(run_dir, METRICS_FILE))
     kinds = defaultdict(list)
     for row in rows:
         kinds[row_kind(row)].append(row)

@@ -10,7 +10,8 @@ Weight layout differences handled here:
   activation to the first half);
 - with the Transformer Engine spec the norms live inside the fused linear layers
   (``layer_norm_weight``); with the local spec they are separate modules. Both are recognised.
-Tensor parallel shards and pipeline stages are cut from the full tensors on load.
+Tensor parallel shards and pipeline stages are cut from the full tensors on load
+(``megarope.mcore.weights``, which also fuses q/k/v and gate/up).
 """
 
 from __future__ import annotations
@@ -101,24 +102,31 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **config_overrides):
     """A megatron-core ``GPTModel`` with megarope layers from a Hugging Face checkpoint folder.
 
-    In a plain process (no torchrun) a one-rank process group is created. Under an initialised
-    megatron parallel state, this rank's tensor-parallel shard and pipeline stage are loaded.
+    In a plain process (no torchrun) a one-rank process group is created (``parallel.destroy()``
+    ends it). Under an initialised megatron parallel state, this rank's tensor-parallel shard and
+    pipeline stage are loaded. torch is left as it was: the CPU compatibility layer is on only
+    while the model is built and while it runs (or as long as the caller's ``parallel.initialize``
+    keeps it on).
     ``rope`` overrides the checkpoint's RoPE configuration (e.g. to extend it).
     """
     from megatron.core import parallel_state
 
-    from megarope.mcore import parallel
+    from megarope.mcore import compat, parallel
 
-    if not parallel_state.model_parallel_is_initialized():
-        parallel.initialize()
-    model = build_from_hf(path, rope, **config_overrides)
+    # megatron allocates on CUDA by name when building and running the model: the CPU layer is on
+    # for exactly that, so the user's torch is left as it was between calls
+    with compat.cpu_compat():
+        if not parallel_state.model_parallel_is_initialized():
+            parallel.initialize()
+        model = build_from_hf(path, rope, **config_overrides)
     model.eval()
-    return model
+    return compat.scoped_forward(model)
 
 
 def build_from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **config_overrides):
     """``from_hf`` under an already initialised parallel state (the training engine's path)."""
     from megarope.mcore.spec import gpt_model
+    from megarope.mcore.weights import load_full_weights
 
     path = Path(path)
     config = read_hf_config(path)
@@ -130,71 +138,8 @@ def build_from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **con
         max_sequence_length=config.max_position_embeddings,
         share_embeddings_and_output_weights=bool(config.tie_word_embeddings),
     )
-    load_hf_weights(model, read_hf_weights(path), config)
+    load_full_weights(model, read_hf_weights(path))
     return model
-
-
-def _tp_shard(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    from megatron.core import parallel_state
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    return torch.chunk(tensor, tp, dim=dim)[rank].contiguous()
-
-
-def _qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
-    """HF separate q/k/v (weights [out, in] or biases [out]) -> megatron's grouped layout."""
-    rest = q.shape[1:]
-    q = q.reshape(groups, -1, *rest)
-    k = k.reshape(groups, -1, *rest)
-    v = v.reshape(groups, -1, *rest)
-    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
-
-
-def load_hf_weights(model, weights: dict[str, torch.Tensor], config) -> None:
-    """Copy full HF tensors into this rank's shard/stage of ``model`` (strict: every tensor used)."""
-    groups = config.num_key_value_heads
-    state = model.state_dict()
-    target: dict[str, torch.Tensor] = {}
-    local_layers = len(model.decoder.layers)
-    offset = model.decoder.layers[0].layer_number - 1 if local_layers else 0
-
-    def put(name: str, value: torch.Tensor) -> None:
-        if name not in state:
-            raise KeyError(f"megatron model has no parameter {name!r}")
-        target[name] = value.to(state[name].dtype)
-
-    def norm_key(layer: str, fused: str, separate: str) -> str:
-        return f"{layer}.{fused}" if f"{layer}.{fused}" in state else f"{layer}.{separate}"
-
-    if model.pre_process:
-        put("embedding.word_embeddings.weight", _tp_shard(weights["embed_tokens.weight"], 0))
-    if model.post_process:
-        put("decoder.final_layernorm.weight", weights["norm.weight"])
-        if not config.tie_word_embeddings:
-            put("output_layer.weight", _tp_shard(weights["lm_head.weight"], 0))
-    for local in range(local_layers):
-        hf = f"layers.{local + offset}"
-        mc = f"decoder.layers.{local}"
-        qkv = _qkv(*(weights[f"{hf}.self_attn.{p}_proj.weight"] for p in "qkv"), groups)
-        put(f"{mc}.self_attention.linear_qkv.weight", _tp_shard(qkv, 0))
-        if f"{hf}.self_attn.q_proj.bias" in weights:
-            bias = _qkv(*(weights[f"{hf}.self_attn.{p}_proj.bias"] for p in "qkv"), groups)
-            put(f"{mc}.self_attention.linear_qkv.bias", _tp_shard(bias, 0))
-        put(f"{mc}.self_attention.linear_proj.weight", _tp_shard(weights[f"{hf}.self_attn.o_proj.weight"], 1))
-        put(norm_key(mc, "self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
-            weights[f"{hf}.input_layernorm.weight"])
-        put(norm_key(mc, "mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"),
-            weights[f"{hf}.post_attention_layernorm.weight"])
-        gate = _tp_shard(weights[f"{hf}.mlp.gate_proj.weight"], 0)
-        up = _tp_shard(weights[f"{hf}.mlp.up_proj.weight"], 0)
-        put(f"{mc}.mlp.linear_fc1.weight", torch.cat([gate, up], dim=0))
-        put(f"{mc}.mlp.linear_fc2.weight", _tp_shard(weights[f"{hf}.mlp.down_proj.weight"], 1))
-    missing = [k for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
-               and k not in target and "output_layer" not in k]
-    if missing:
-        raise KeyError(f"no Hugging Face weight for {missing[:5]}")
-    model.load_state_dict(target, strict=False)
 
 
 def to_hf(model, path: str | os.PathLike, hf_config, rope: RopeConfig | None = None) -> Path:

@@ -11,8 +11,9 @@ query/key/value after megatron applied the rotary embedding, multiplies the quer
 
 then calls the wrapped core attention: Transformer Engine's ``TEDotProductAttention`` when the
 spec has it (fast kernels and TE's context parallelism are kept), megatron's local
-``DotProductAttention`` otherwise, or, for context parallelism without Transformer Engine, the
-torch-native CPU fallback in ``megarope.mcore.context_parallel``.
+``DotProductAttention`` otherwise, or, for context parallelism and packed (thd) batches without
+Transformer Engine, the torch-native CPU fallback in ``megarope.mcore.context_parallel``
+(block-diagonal per document).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def global_positions(
 
 
 class TorchContextParallelAttention(MegatronModule):
-    """Context-parallel core attention without Transformer Engine (the CPU fallback)."""
+    """Context-parallel and packed-sequence core attention without Transformer Engine (the CPU
+    fallback; CP size 1 is plain causal attention per document)."""
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None):
@@ -85,6 +87,9 @@ class MegaropeCoreAttention(RopeStateMixin, MegatronModule):
         if cp_comm_type is not None:
             kwargs["cp_comm_type"] = cp_comm_type
         self.inner = inner(**kwargs)
+        # megatron's local attention rejects packed (thd) batches: those go to the torch-native
+        # path, which attends within each document (no parameters: nothing changes in checkpoints)
+        self.packed = TorchContextParallelAttention(**kwargs) if isinstance(self.inner, DotProductAttention) else None
         self.cp_group = pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp") else None
         self.set_rope(rope)
 
@@ -138,5 +143,6 @@ class MegaropeCoreAttention(RopeStateMixin, MegatronModule):
         if multiplier is not None:
             shape = (query.shape[0], 1, query.shape[-1]) if thd else (query.shape[0], 1, 1, query.shape[-1])
             query = query * multiplier.view(shape).to(device=query.device, dtype=query.dtype)
-        return self.inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                          attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        inner = self.packed if thd and self.packed is not None else self.inner
+        return inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                     attention_bias=attention_bias, packed_seq_params=packed_seq_params)

@@ -97,6 +97,7 @@ __all__ = [
     "disable_cpu_compat",
     "enable_cpu_compat",
     "quiet_gpt_model_deprecation",
+    "scoped_forward",
 ]
 
 
@@ -270,6 +271,20 @@ def cpu_compat():
     finally:
         if enabled_here:
             disable_cpu_compat()
+
+
+def scoped_forward(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` whose every forward runs inside :func:`cpu_compat`: a model handed to user code
+    (``from_hf``) works on CPU (megatron's local attention takes its score buffer on
+    ``torch.cuda.current_device()``) while the user's torch stays untouched between calls."""
+    forward = module.forward
+
+    def compat_forward(*args, **kwargs):
+        with cpu_compat():
+            return forward(*args, **kwargs)
+
+    module.forward = compat_forward
+    return module
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Context-parallel (CP) sequence layout and a CPU fallback for CP attention. Torch only.
+"""Context-parallel (CP) sequence layout, packed (THD) batches and a CPU fallback for CP attention.
 
 Layout. The load-balanced order of Transformer Engine and megatron-core: a sequence of S tokens is
 cut into 2·cp chunks of S/(2·cp) tokens, and CP rank r holds chunks r and 2·cp−1−r, in that order.
@@ -108,6 +108,50 @@ def slice_bshd(
             )
         out[key] = value.index_select(dim, index.to(value.device))
     return out
+
+
+def pack_thd(batch: Mapping[str, Any], cp_size: int = 1, cp_rank: int = 0, cp_group=None):
+    """A packed batch as megatron's THD input: ``(local, packed_seq_params)``.
+
+    ``batch`` holds ``[b, s]`` tensors (tokens, labels, loss_mask, position_ids, ...) and
+    ``cu_seqlens``, the document offsets over the ``b*s`` tokens flattened row by row. Every
+    document is padded to a multiple of 2·cp (CP cuts each into 2·cp chunks; without CP nothing is
+    padded): pad tokens come after their document's tokens, so causal attention never lets a real
+    token see one, and their ``loss_mask`` is 0. ``local`` holds this CP rank's tokens as
+    ``[1, t]`` tensors; ``position_ids`` restart at 0 in every document. The params carry both
+    offset lists (``cu_seqlens_q`` real, ``cu_seqlens_q_padded`` padded, as TE's THD kernels take
+    them) and the longest padded document as ``max_seqlen_q``, the length megatron builds the
+    RoPE table for.
+    """
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = batch["cu_seqlens"].long().cpu()
+    lengths = torch.diff(cu)
+    multiple = 2 * cp_size if cp_size > 1 else 1
+    padded = (lengths + multiple - 1) // multiple * multiple
+    cu_padded = torch.cat([cu.new_zeros(1), torch.cumsum(padded, 0)])
+    total = int(cu_padded[-1])
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    dest = torch.arange(int(cu[-1])) - cu[:-1][doc] + cu_padded[:-1][doc]  # real tokens' padded slots
+    local = {}
+    for key, value in batch.items():
+        if key == "cu_seqlens" or not isinstance(value, torch.Tensor):
+            continue
+        full = value.new_zeros(total)
+        full[dest.to(value.device)] = value.reshape(-1)
+        local[key] = full
+    starts = torch.repeat_interleave(cu_padded[:-1], padded)
+    local["position_ids"] = (torch.arange(total) - starts).to(batch["tokens"].device)
+    if cp_size > 1:
+        index = cp_local_indices_thd(cu_padded, cp_size, cp_rank)
+        local = {k: v.index_select(0, index.to(v.device)) for k, v in local.items()}
+    device = batch["tokens"].device
+    cu, cu_padded = cu.to(device, torch.int32), cu_padded.to(device, torch.int32)
+    longest = int(padded.max())
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_padded,
+                             cu_seqlens_kv_padded=cu_padded, max_seqlen_q=longest, max_seqlen_kv=longest,
+                             cp_group=cp_group)
+    return {k: v[None] for k, v in local.items()}, params
 
 
 class _AllGather(torch.autograd.Function):

@@ -8,7 +8,7 @@ Launchers, in order of precedence:
 - none (a plain ``python``) -> a one-rank group on an in-memory store, no port needed.
 
 Backend: nccl when CUDA is available, gloo otherwise (with the CPU layer of ``compat`` enabled so
-megatron's own training machinery runs on CPU tensors).
+megatron's own training machinery runs on CPU tensors, from ``initialize`` until ``destroy``).
 """
 
 import os
@@ -103,7 +103,8 @@ def initialize(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> Launc
 
 
 def destroy() -> None:
-    """Tear down megatron's parallel state and the process group ``initialize`` created."""
+    """Tear down megatron's parallel state, the process group ``initialize`` created and the CPU
+    compatibility layer it switched on: the process's torch behaves as before ``initialize``."""
     global _created_process_group
     from megatron.core import parallel_state
 
@@ -111,3 +112,4 @@ def destroy() -> None:
     if _created_process_group and dist.is_initialized():
         dist.destroy_process_group()
     _created_process_group = False
+    compat.disable_cpu_compat()

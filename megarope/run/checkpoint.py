@@ -9,6 +9,12 @@ A checkpoint is written under ``step_N.tmp`` and renamed by rank 0 after a barri
 any moment leaves either the previous complete checkpoint or the new one, never half of one.
 The model's RoPE configuration (searched LongRoPE factors included) is part of the model state
 (megarope modules keep it as ``_extra_state``).
+
+Resuming under another TP/PP/CP/DP layout is megatron's resharding: model and optimizer state
+are saved as global tensors and each rank loads its own slices. What cannot be resharded is a
+different model: the architecture (padded vocabulary included) is saved in the common state and
+compared first, so a mismatch names the config field instead of a tensor shape. The per-rank RNG
+states are restored only under the layout that saved them (another layout has other ranks).
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException
 
 from megarope import dist as ranks
 from megarope.atomic import atomic_write_text
+from megarope.run.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,37 @@ def latest(root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+# architecture keys of the common state -> the config field that sets them
+_ARCHITECTURE = {"num_layers": "model.num_layers", "hidden_size": "model.hidden_size",
+                 "num_attention_heads": "model.num_attention_heads", "num_query_groups": "model.num_query_groups",
+                 "kv_channels": "model.hidden_size", "ffn_hidden_size": "model.ffn_hidden_size",
+                 "vocab_size": "data.tokenizer"}
+
+
+def _architecture(engine) -> dict:
+    c = engine.model.config
+    values = {k: getattr(c, k) for k in _ARCHITECTURE if k != "vocab_size"}
+    return {**values, "vocab_size": engine.model.vocab_size}
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
+
+
+def _check_architecture(engine, path: Path, saved: dict | None) -> None:
+    """The checkpoint holds this model (any layout), or an error naming the field that differs."""
+    if saved is None:  # written before megarope recorded it: megatron's own shape checks remain
+        return
+    mine = _architecture(engine)
+    for key, field in _ARCHITECTURE.items():
+        if key in saved and saved[key] != mine[key]:
+            raise ConfigError(field, f"checkpoint {path} has {key}={saved[key]}, this run's model {mine[key]}: "
+                              "a checkpoint resumes under any parallel layout, but only for the same model")
+
+
 def _sharded(engine, loading: bool, model_only: bool = False) -> dict:
     model_sd = engine.model.sharded_state_dict()
     state = {"model": model_sd}
@@ -87,7 +126,8 @@ def save(engine, root: Path, step: int, common: dict, keep: int = 1) -> Path:
         tmp.mkdir()
     ranks.barrier()
     state = _sharded(engine, loading=False)
-    state["common"] = {**common, "step": step, "scheduler": engine.scheduler.state_dict() if engine.scheduler else None}
+    state["common"] = {**common, "step": step, "scheduler": engine.scheduler.state_dict() if engine.scheduler else None,
+                       "architecture": _architecture(engine), "layout": _layout()}
     dist_checkpointing.save(state, str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{ranks.rank()}.pt")
     ranks.barrier()
@@ -105,8 +145,14 @@ def save(engine, root: Path, step: int, common: dict, keep: int = 1) -> Path:
 
 def load(engine, path: Path, model_only: bool = False) -> dict:
     """Restore ``engine`` from checkpoint folder ``path``; returns its common state."""
+    saved = dist_checkpointing.load_common_state_dict(str(path)).get("common", {})
+    _check_architecture(engine, path, saved.get("architecture"))
     template = _sharded(engine, loading=True, model_only=model_only)
-    state = dist_checkpointing.load(template, str(path))
+    try:
+        state = dist_checkpointing.load(template, str(path))
+    except CheckpointingException as err:
+        raise ConfigError("parallel", f"megatron cannot reshard checkpoint {path} (saved under "
+                          f"{saved.get('layout', 'an unrecorded layout')}) to {_layout()}: {err}") from err
     engine.model.load_state_dict(state["model"])
     if model_only:
         engine.rope = _rope_of(engine)
@@ -116,7 +162,7 @@ def load(engine, path: Path, model_only: bool = False) -> dict:
     if common.get("scheduler") and engine.scheduler is not None:
         engine.scheduler.load_state_dict(common["scheduler"])
     rng = Path(path) / f"rng_rank{ranks.rank()}.pt"
-    if rng.is_file():
+    if rng.is_file() and saved.get("layout", _layout()) == _layout():
         _set_rng_state(torch.load(rng, weights_only=False))
     engine.rope = _rope_of(engine)
     return common

@@ -1,12 +1,13 @@
 """Structured configs of a megarope run: the single source of defaults (YAML only selects and overrides).
 
 Groups: ``model``, ``method`` (the RoPE method, a RopeConfig as a dict), ``parallel``, ``data``,
-``train``, ``eval``, ``checkpoint``, ``run``, ``search``, ``stages`` (the recipe's pipeline) and
+``train``, ``eval``, ``checkpoint``, ``run``, ``log``, ``search``, ``stages`` (the recipe's pipeline) and
 ``vars`` (named values the recipe's stages interpolate as ``${vars.NAME}``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -82,6 +83,16 @@ class RunConfig:
 
 
 @dataclass
+class LogConfig:
+    """Dashboards beside ``metrics.jsonl`` (written by rank 0 under ``run.dir``)."""
+
+    tensorboard: bool = False  # <run.dir>/tensorboard (needs the tensorboard package)
+    wandb: bool = False  # Weights & Biases under <run.dir>/wandb (needs wandb)
+    wandb_mode: str = "offline"  # offline: no network, `wandb sync` later; online needs a login
+    wandb_project: str = "megarope"
+
+
+@dataclass
 class StageConfig:
     """What every step of a recipe has. ``kind`` names a module of ``megarope.run.stages``, whose
     config subclasses this one with the kind's own settings (``short`` of a search stage, ...).
@@ -113,6 +124,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # the search knobs; scale and original window stay unset: a search stage derives them
     search: SearchConfig = field(default_factory=SearchConfig)
     # entries are StageConfig subclasses chosen by `kind` (megarope.run.stages), so the schema
@@ -173,6 +185,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     lengths += [(f"stages[{i}].target_length", s.target_length) for i, s in enumerate(cfg.stages) if s.target_length]
     for key, length in lengths:
         need(length % multiple == 0, key, f"{length} tokens is not a multiple of {multiple} ({', '.join(why)})")
+    if cfg.data.reset_position_ids:
+        # packed (thd) micro-batches: padding per document changes their length, which the
+        # pipeline's fixed p2p shapes and SP's even split over TP do not allow
+        need(p.pp == 1, "parallel.pp", "packed batches (data.reset_position_ids=true) need parallel.pp=1")
+        need(not p.sp, "parallel.sp", "packed batches (data.reset_position_ids=true) need parallel.sp=false")
+    for key, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        need(not getattr(cfg.log, key) or importlib.util.find_spec(module) is not None, f"log.{key}",
+             f"the {module} package is not installed (pip install {module})")
+    need(cfg.log.wandb_mode in ("offline", "online"), "log.wandb_mode",
+         f"offline or online, got {cfg.log.wandb_mode!r}")
     if cfg.model.path is not None:
         need(os.path.isdir(cfg.model.path), "model.path", f"no such checkpoint folder: {cfg.model.path}")
     else:
@@ -180,5 +202,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"model.num_attention_heads={cfg.model.num_attention_heads} is not divisible by parallel.tp={cfg.parallel.tp}")
         need(cfg.model.num_query_groups % cfg.parallel.tp == 0, "parallel.tp",
              f"model.num_query_groups={cfg.model.num_query_groups} is not divisible by parallel.tp={cfg.parallel.tp}")
+        from megarope.mcore.weights import VOCAB_MULTIPLE
+
+        need(VOCAB_MULTIPLE % cfg.parallel.tp == 0, "parallel.tp",
+             f"the tiny model's vocabulary is padded to a multiple of {VOCAB_MULTIPLE}, which parallel.tp="
+             f"{cfg.parallel.tp} does not divide")
         need(cfg.model.num_layers % cfg.parallel.pp == 0, "parallel.pp",
              f"model.num_layers={cfg.model.num_layers} is not divisible by parallel.pp={cfg.parallel.pp}")

@@ -15,7 +15,7 @@ from megarope import dist
 from megarope.data.config import DataConfig
 from megarope.data.samples import build_samples
 from megarope.data.tokenizer import load_tokenizer
-from megarope.eval.metrics import MetricsWriter
+from megarope.eval.metrics import MetricsWriter, TensorBoardSink, WandbSink
 from megarope.rope.config import RopeConfig, RopeConfigError
 from megarope.rope.methods import METHODS
 from megarope.run import checkpoint
@@ -30,9 +30,20 @@ class RunContext:
         self.cfg = cfg
         self.dir = Path(cfg.run.dir)
         self.tokenizer = load_tokenizer(cfg.model.path or cfg.data.tokenizer)
-        self.metrics = MetricsWriter(self.dir / "metrics.jsonl", enabled=dist.is_rank0())
+        # one writer, decided from the launcher's environment: rank 0 of the whole job
+        self.metrics = MetricsWriter(self.dir / "metrics.jsonl", enabled=dist.is_rank0(), sinks=self._sinks())
         self.base_rope = self._base_rope()
         self._samples: dict[str, Any] = {}
+
+    def _sinks(self) -> list:
+        """The dashboards ``log`` switches on (created at the first metrics row)."""
+        log, sinks = self.cfg.log, []
+        if log.tensorboard:
+            sinks.append(lambda: TensorBoardSink(self.dir / "tensorboard"))
+        if log.wandb:
+            sinks.append(lambda: WandbSink(self.dir / "wandb", project=log.wandb_project, name=self.dir.name,
+                                           mode=log.wandb_mode))
+        return sinks
 
     def _base_rope(self) -> RopeConfig:
         """The model's own RoPE (checkpoint config.json, or the tiny model's plain RoPE)."""

@@ -24,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megarope.eval.passkey import wrong_tokens
 from megarope.mcore import parallel
 from megarope.mcore.compat import compute_device
-from megarope.mcore.context_parallel import slice_bshd
+from megarope.mcore.context_parallel import pack_thd, slice_bshd
 from megarope.mcore.spec import set_rope
 from megarope.rope.config import RopeConfig
 from megarope.run.config import Config
@@ -100,8 +100,12 @@ class Engine:
         return self.optimizer.param_groups[0]["lr"]
 
     # ------------------------------------------------------------------------- forward steps
-    def _local(self, batch: dict) -> dict:
-        return slice_bshd(batch, self.cp_size, self.cp_rank) if self.cp_size > 1 else batch
+    def _local(self, batch: dict) -> tuple[dict, object]:
+        """This CP rank's part of a micro-batch and its PackedSeqParams (packed batches, which carry
+        ``cu_seqlens``, go in as THD: attention, positions, n-hat and query scales per document)."""
+        if "cu_seqlens" in batch:
+            return pack_thd(batch, self.cp_size, self.cp_rank, parallel_state.get_context_parallel_group())
+        return (slice_bshd(batch, self.cp_size, self.cp_rank) if self.cp_size > 1 else batch), None
 
     def _masked_sums(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[sum(loss*mask), sum(mask)] over this micro-batch, summed over the CP group."""
@@ -111,8 +115,8 @@ class Engine:
         return stats
 
     def _train_forward(self, data_iterator, model):
-        batch = self._local(next(data_iterator))
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        batch, packed = self._local(next(data_iterator))
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
         mask = batch["loss_mask"].float()
 
         def loss_func(per_token):
@@ -127,9 +131,10 @@ class Engine:
         return output, loss_func
 
     def _eval_forward(self, data_iterator, model):
-        batch = self._local(next(data_iterator))
+        batch, packed = self._local(next(data_iterator))
         mask = batch["loss_mask"].float()
-        logits = model(batch["tokens"], batch["position_ids"], None, runtime_gather_output=True)
+        logits = model(batch["tokens"], batch["position_ids"], None, runtime_gather_output=True,
+                       packed_seq_params=packed)
 
         def loss_func(output):
             logprobs = torch.log_softmax(output.float(), dim=-1)

@@ -4,20 +4,13 @@ build and the export read."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from megarope.hf.convert import build_from_hf, transformer_config_from_hf
 from megarope.mcore.spec import gpt_model
+from megarope.mcore.weights import initial_weights, load_full_weights, mask_padded_logits, padded_vocab
 from megarope.rope.config import RopeConfig
 from megarope.run.config import Config
-
-
-def padded_vocab(vocab_size: int, tp: int, multiple: int = 64) -> int:
-    """Tiny-model vocabulary padded so the vocab-parallel embedding splits evenly over TP."""
-    step = multiple * tp
-    return math.ceil(vocab_size / step) * step
 
 
 def use_bf16(cfg: Config) -> bool:
@@ -25,11 +18,12 @@ def use_bf16(cfg: Config) -> bool:
 
 
 def tiny_hf_config(cfg: Config, vocab_size: int, bos_id: int | None = None, eos_id: int | None = None):
-    """The tiny model of ``cfg.model`` as a transformers config (vocabulary padded for ``cfg.parallel.tp``)."""
+    """The tiny model of ``cfg.model`` as a transformers config (vocabulary padded to a multiple of
+    128 whatever the layout, see :func:`megarope.mcore.weights.padded_vocab`)."""
     from transformers import LlamaConfig
 
     m = cfg.model
-    return LlamaConfig(vocab_size=padded_vocab(vocab_size, cfg.parallel.tp), hidden_size=m.hidden_size,
+    return LlamaConfig(vocab_size=padded_vocab(vocab_size), hidden_size=m.hidden_size,
                        intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
                        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
                        head_dim=m.hidden_size // m.num_attention_heads, max_position_embeddings=m.window,
@@ -39,7 +33,8 @@ def tiny_hf_config(cfg: Config, vocab_size: int, bos_id: int | None = None, eos_
 
 def build_model(cfg: Config, rope: RopeConfig, vocab_size: int):
     """GPTModel (this pipeline stage) with megarope layers: the HF checkpoint with its weights, or
-    the tiny model freshly initialised. Call under an initialised parallel state."""
+    the tiny model freshly initialised from ``train.seed`` the same way in every layout (its
+    padding ids masked out of the logits). Call under an initialised parallel state."""
     precision = dict(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16) if use_bf16(cfg) else \
         dict(params_dtype=torch.float32, pipeline_dtype=torch.float32)
     if cfg.model.path:
@@ -48,4 +43,7 @@ def build_model(cfg: Config, rope: RopeConfig, vocab_size: int):
     tconfig = transformer_config_from_hf(hf, init_method_std=cfg.model.init_std, sequence_parallel=cfg.parallel.sp,
                                          **precision)
     # positions are the RoPE's business (megarope's tables have no fixed length): no cap from the window
-    return gpt_model(tconfig, rope, vocab_size=hf.vocab_size, max_sequence_length=1 << 22)
+    model = gpt_model(tconfig, rope, vocab_size=hf.vocab_size, max_sequence_length=1 << 22)
+    load_full_weights(model, initial_weights(model, cfg.train.seed, cfg.model.init_std))
+    mask_padded_logits(model, vocab_size)
+    return model

@@ -25,6 +25,7 @@ layout: ``megarope.run.config.validate`` here, the Engine's CP sequence-length c
 layout; ``megarope.mcore.parallel.initialize``'s world-size check is tested in test_mcore_cpu.py.
 """
 
+import importlib.util
 import math
 import os
 from typing import NamedTuple
@@ -35,7 +36,7 @@ from _launch import run_distributed
 
 from megarope.rope.config import RopeConfig
 
-VOCAB = 128  # a multiple of 64 * tp: the padded vocabulary is the same in every layout
+VOCAB = 128  # a multiple of 128: no padding ids (the tiny model pads to 128 whatever the layout)
 SEQ = 64
 WINDOW = 16
 STEPS = 3
@@ -279,9 +280,16 @@ def test_engine_rejects_sequence_not_divisible_by_2cp(runs, layout):
         ({"parallel.pp": 3}, None, r"^parallel.pp: model.num_layers=4 is not divisible by parallel.pp=3"),
         ({"parallel.tp": 2, "parallel.cp": 2}, 6,
          r"^parallel.tp: world size 6 is not divisible by parallel.tp\*pp\*cp = 4"),
+        ({"parallel.pp": 2, "data.reset_position_ids": True}, None,
+         r"^parallel.pp: packed batches \(data.reset_position_ids=true\) need parallel.pp=1"),
+        ({"parallel.tp": 2, "parallel.sp": True, "data.reset_position_ids": True}, None,
+         r"^parallel.sp: packed batches \(data.reset_position_ids=true\) need parallel.sp=false"),
+        pytest.param({"log.wandb": True}, None, r"^log.wandb: the wandb package is not installed",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None,
+                                              reason="wandb is installed here")),
     ],
     ids=["seq_vs_cp", "eval_length_vs_cp", "seq_vs_sp", "heads_vs_tp", "groups_vs_tp", "layers_vs_pp",
-         "world_size"],
+         "world_size", "packed_vs_pp", "packed_vs_sp", "wandb_missing"],
 )
 def test_validate_names_the_field(changes, world_size, match):
     from megarope.run.config import ConfigError, validate

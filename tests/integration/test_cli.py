@@ -29,7 +29,7 @@ def run_cli(*overrides, run_dir, check=True, timeout=300):
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    rows = read_metrics(run_dir / "metrics.jsonl", dedupe=True)
+    rows = read_metrics(run_dir / "metrics.jsonl")
     return {r["step"]: r["loss"] for r in rows if r.get("stage") == "train"}
 
 

@@ -137,7 +137,7 @@ def final_metrics(run_dir: Path) -> list[dict]:
     from megarope.eval.metrics import read_metrics
 
     return [{k: v for k, v in row.items() if k not in ("time", "tokens_per_s")}
-            for row in read_metrics(run_dir / "metrics.jsonl", dedupe=True)]
+            for row in read_metrics(run_dir / "metrics.jsonl")]
 
 
 @pytest.mark.slurm

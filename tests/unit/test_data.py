@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megarope.data.config import DataConfig, DataError
-from megarope.data.sampler import DataIterator, collate
+from megarope.data.sampler import DataIterator, collate, micro_batches
 from megarope.data.samples import build_samples, eval_documents
 from megarope.data.sources import builtin_corpus, load_documents
 from megarope.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -191,6 +191,11 @@ def test_packed_reset_positions_and_cu_seqlens(tmp_path, cache):
     batch = collate([x0, x1])
     assert batch["tokens"].shape == (2, 16) and batch["position_ids"].shape == (2, 16)
     assert batch["cu_seqlens"].tolist() == [0, 10, 15, 16, 29, 32]
+    # micro-batches of one row each carry that row's own offsets again
+    first, second = micro_batches(batch, 1)
+    assert first["cu_seqlens"].tolist() == [0, 10, 15, 16] and second["cu_seqlens"].tolist() == [0, 13, 16]
+    assert torch.equal(second["tokens"], x1["tokens"][None])
+    assert micro_batches(batch, 2)[0]["cu_seqlens"].tolist() == batch["cu_seqlens"].tolist()
 
 
 def test_truncated_cuts_skips_and_pads(tmp_path, cache):

@@ -104,33 +104,65 @@ def test_passkey_scoring():
 # ---------------------------------------------------------------------------------------- metrics
 
 
-def test_metrics_write_read_dedupe(tmp_path):
+def test_metrics_write_read_rewind(tmp_path):
     path = tmp_path / "run" / METRICS_FILE
     with MetricsWriter(path) as w:
         for step in (1, 2, 3):
             loss = torch.tensor(4.0 - step)  # as a training loop holds it
             w.write({"stage": "train", "step": step, "loss": loss, "lr": 1e-3, "tokens_per_s": 100.0})
-        w.write({"stage": "eval", "run_stage": "train", "method": "pi", "length": 64, "ppl": float("inf")})
+        w.write({"stage": "eval", "run_stage": "eval", "method": "pi", "length": 64, "ppl": float("inf")})
         with pytest.raises(ValueError, match="missing"):
             w.write({"stage": "passkey", "method": "pi", "length": 64})
     with MetricsWriter(path, enabled=False) as w:  # another rank: validates, writes nothing
         w.write({"stage": "train", "step": 9, "loss": 0.0, "lr": 0.0, "tokens_per_s": 0.0})
+        w.rewind("train")
     rows = read_metrics(path)
     assert [r["step"] for r in rows[:3]] == [1, 2, 3] and rows[0]["loss"] == 3.0 and "time" in rows[0]
-    assert math.isinf(rows[3]["ppl"])
+    assert math.isinf(rows[3]["ppl"]) and len(rows) == 4
 
-    # a requeued job repeats steps 2-3 after a kill that cut a line in half
+    # killed mid-line after step 3; the requeued job resumes training from its step-1 checkpoint
     with open(path, "a") as f:
         f.write('{"stage": "train", "st')
     assert len(read_metrics(path)) == 4  # the partial line is left out
     with MetricsWriter(path) as w:
+        w.rewind("train", 1)
         for step in (2, 3, 4):
             w.write({"stage": "train", "step": step, "loss": 10.0 + step, "lr": 1e-3, "tokens_per_s": 100.0})
-    assert len(read_metrics(path)) == 7
-    rows = read_metrics(path, dedupe=True)
-    train = [(r["step"], r["loss"]) for r in rows if r["stage"] == "train"]
-    assert train == [(1, 3.0), (2, 12.0), (3, 13.0), (4, 14.0)]
+        w.rewind("eval")  # an eval stage starts over: all its rows go
+    train = [(r["step"], r["loss"]) for r in read_metrics(path) if r["stage"] == "train"]
+    assert train == [(1, 3.0), (2, 12.0), (3, 13.0), (4, 14.0)]  # each step once, the resumed values
+    assert [r["stage"] for r in read_metrics(path)] == ["train"] * 4
     assert read_metrics(tmp_path / "missing.jsonl") == []
+
+
+def test_tensorboard_sink_gets_every_row(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megarope.eval.metrics import TensorBoardSink
+
+    with MetricsWriter(tmp_path / METRICS_FILE, sinks=[lambda: TensorBoardSink(tmp_path / "tb")]) as w:
+        for step in (1, 2):
+            w.write({"stage": "train", "step": step, "loss": 3.0 - step, "lr": 1e-3, "tokens_per_s": 10.0})
+        w.write({"stage": "eval", "run_stage": "eval", "method": "yarn", "length": 256, "ppl": 7.5})
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/train/loss")] == [(1, 2.0), (2, 1.0)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/yarn/ppl")] == [(256, 7.5)]
+
+
+def test_wandb_sink_offline(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from megarope.eval.metrics import WandbSink
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with MetricsWriter(tmp_path / METRICS_FILE,
+                       sinks=[lambda: WandbSink(tmp_path / "wandb", project="megarope-test", name="unit")]) as w:
+        w.write({"stage": "train", "step": 1, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 10.0})
+        summary = dict(w.sinks[0]._run.summary)
+    wandb.finish()
+    assert summary["train/train/loss"] == 2.0
+    assert list((tmp_path / "wandb").rglob("*.wandb"))  # the offline run file, for `wandb sync`
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -151,8 +183,7 @@ def _synthetic_rows():
         rows.append({"stage": "finetune", "step": step, "loss": 5.0 / step, "lr": 1e-4, "tokens_per_s": 1000.0 + step})
     for g in range(4):
         rows.append({"stage": "search", "run_stage": "search", "generation": g, "best_ppl": 9.0 - g, "mean_ppl": 12.0})
-    # a resumed run re-appends an eval row: the last one counts
-    rows.append({**rows[0], "ppl": 4.321})
+    rows[0] = {**rows[0], "ppl": 4.321}
     return rows
 
 
@@ -186,12 +217,12 @@ def test_report_numbers_plots_atomic(tmp_path):
     assert path == os.path.join(tmp_path, "report.md")
     text = open(path).read()
     tables = _tables(text)
-    deduped = read_metrics(tmp_path / METRICS_FILE, dedupe=True)
+    written = read_metrics(tmp_path / METRICS_FILE)
 
     ppl = tables["Perplexity"]
     lengths = [int(c) for c in ppl[0][1:]]
     assert lengths == [256, 1024, 4096]
-    evals = {(r["method"], r["length"]): r["ppl"] for r in deduped if r["stage"] == "eval"}
+    evals = {(r["method"], r["length"]): r["ppl"] for r in written if r["stage"] == "eval"}
     assert evals[("pi", 256)] == 4.321
     for line in ppl[1:]:
         for length, cell in zip(lengths, line[1:]):
@@ -207,13 +238,13 @@ def test_report_numbers_plots_atomic(tmp_path):
         for length, cell in zip(lengths, line[1:]):
             accs = [
                 r["accuracy"]
-                for r in deduped
+                for r in written
                 if r["stage"] == "passkey" and r["method"] == line[0] and r["length"] == length
             ]
             assert len(accs) == 3 and _number(cell) == pytest.approx(sum(accs) / 3, abs=0.005)
 
     train = tables["Training"][1]
-    finetune = [r for r in deduped if r["stage"] == "finetune"]
+    finetune = [r for r in written if r["stage"] == "finetune"]
     assert train[0] == "finetune" and int(train[1]) == len(finetune) and int(train[2]) == finetune[-1]["step"]
     assert _number(train[3]) == pytest.approx(finetune[-1]["loss"], abs=5e-5)
     search = tables["Factor search"][1]

@@ -209,3 +209,49 @@ def test_export_of_entropy_abf_says_what_transformers_lacks(tmp_path):
     assert "no transformers equivalent" in note and "query scale" in note
     exported = RopeConfig.from_hf(LlamaConfig.from_pretrained(out).to_dict())
     assert exported == eabf.replace(max_position_embeddings=hf.config.max_position_embeddings)
+
+
+_TORCH_UNTOUCHED = '''
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+originals = (torch.cuda.current_device, torch.cuda.get_rng_state, torch.cuda.synchronize, torch.Tensor.type)
+
+def untouched(when):
+    now = (torch.cuda.current_device, torch.cuda.get_rng_state, torch.cuda.synchronize, torch.Tensor.type)
+    assert now == originals, when
+    assert torch.ones(2).type() == "torch.FloatTensor", when
+    for call in (lambda: torch.zeros(2, device="cuda"), torch.cuda.current_device):
+        try:
+            call()
+        except (RuntimeError, AssertionError):  # torch's own answer without CUDA
+            continue
+        raise AssertionError(f"{when}: a CUDA call succeeded")
+
+import megarope, megarope.run.engine  # noqa: E401  (the whole package, training side included)
+untouched("after import")
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=16, max_position_embeddings=32)
+LlamaForCausalLM(config).save_pretrained(sys.argv[1])
+model = megarope.from_hf(sys.argv[1])
+untouched("after from_hf")
+with torch.no_grad():  # the model works without the layer
+    assert model(torch.zeros(1, 8, dtype=torch.long), torch.arange(8)[None], None).shape == (1, 8, 64)
+from megarope.mcore import parallel
+parallel.initialize()  # megarope's training entry: the layer is on until destroy()
+assert torch.cuda.current_device() == torch.device("cpu")
+parallel.destroy()
+untouched("after destroy")
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is only switched on without CUDA")
+def test_from_hf_and_destroy_leave_torch_as_before(tmp_path):
+    # a fresh process: this module's fixture keeps the layer on in the test process
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _TORCH_UNTOUCHED, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -58,6 +58,7 @@ def summary_line(name: str, ppl: dict, passkey: dict) -> str:
 
 def run(ctx: StageContext) -> dict:
     engine = ctx.engine()
+    ctx.metrics.rewind(ctx.stage.name)  # a requeued eval starts over: rows of its first try go
     ppl, passkey = _perplexity(ctx, engine), _passkey(ctx, engine)
     log.info("%s", summary_line(ctx.stage.name, ppl, passkey))
     return {"kind": "eval", "ppl": ppl, "passkey": passkey, "rope": ctx.rope.to_dict()}

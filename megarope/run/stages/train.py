@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from megarope.data.sampler import DataIterator
+from megarope.data.sampler import DataIterator, micro_batches
 from megarope.progress import Progress
 from megarope.run import checkpoint
 from megarope.run.config import StageConfig
@@ -52,6 +52,7 @@ def run(ctx: StageContext) -> dict:
         step = common["step"]
         batches.load_state_dict(common["data"])
         log.info("resumed %s from %s (step %d)", ctx.stage.name, resume, step)
+    ctx.metrics.rewind(ctx.stage.name, step)  # steps after the checkpoint are redone: their rows go
     step, loss = _loop(ctx, engine, batches, step, steps)
     return {"kind": "train", "steps": step, "final_loss": loss, "rope": ctx.rope.to_dict()}
 
@@ -60,15 +61,13 @@ def _loop(ctx: StageContext, engine, batches: DataIterator, step: int, steps: in
     """Train from ``step`` to ``steps``, checkpointing every ``checkpoint.every`` steps, at the end
     and when a stop signal arrives (then :class:`checkpoint.Interrupted` is raised)."""
     cfg, name = ctx.cfg, ctx.stage.name
-    mbs, per_rank = cfg.parallel.micro_batch_size, batches.batch_size
+    mbs = cfg.parallel.micro_batch_size
     tokens_per_step = cfg.train.global_batch_size * ctx.seq_len
     loss = float("nan")
     with checkpoint.StopSignal() as stop, Progress(name, steps, initial=step, every=cfg.train.log_every) as bar:
         while step < steps:
             batch = next(batches)
-            micro = [{k: v[i : i + mbs] for k, v in batch.items() if k != "cu_seqlens"}
-                     for i in range(0, per_rank, mbs)]
-            out = engine.train_step(micro)
+            out = engine.train_step(micro_batches(batch, mbs))
             step, loss = step + 1, out["loss"]
             bar.update(tokens=tokens_per_step, loss=loss, lr=engine.lr)
             ctx.metrics.write({"stage": name, "step": step, "loss": loss, "lr": engine.lr,
