@@ -125,13 +125,12 @@ def test_a_terminal_without_a_size_gets_plain_lines(clock, terminal, caplog):
 
 def test_only_rank_zero_shows_progress(clock, caplog, monkeypatch):
     monkeypatch.setattr("sys.stdout", io.StringIO())
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(progress.dist, "is_rank0", lambda: False)  # rank 1 (the rule itself: test_dist)
     with caplog.at_level(logging.INFO, logger="megarope.progress"):
         bar = _run(clock, 3, [1.0] * 3)
     assert not bar.enabled and caplog.records == []
     assert bar.tokens_per_s == pytest.approx(1000)  # still measured: the metrics rows carry it
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(progress.dist, "is_rank0", lambda: True)
     with caplog.at_level(logging.INFO, logger="megarope.progress"):
         _run(clock, 3, [1.0] * 3)
     assert len(caplog.records) == 3
