@@ -10,15 +10,17 @@ query/key/value after megatron applied the rotary embedding, multiplies the quer
   YaRN configs),
 
 then calls the wrapped core attention: Transformer Engine's ``TEDotProductAttention`` when the
-spec has it (fast kernels and TE's context parallelism are kept), megatron's local
-``DotProductAttention`` otherwise, or, for context parallelism without Transformer Engine, the
-torch-native CPU fallback in ``megarope.mcore.context_parallel``.
+spec has it (fast kernels and TE's context parallelism are kept), otherwise ``SDPAAttention``
+(torch's ``scaled_dot_product_attention``, the default without TE) or megatron's local
+``DotProductAttention`` (the plain reference, ``core_attention="local"``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megarope.mcore.context_parallel import cp_attention, cp_local_indices
@@ -41,17 +43,36 @@ def global_positions(
     return torch.cat(parts)
 
 
-class TorchContextParallelAttention(MegatronModule):
-    """Context-parallel core attention without Transformer Engine (the CPU fallback)."""
+class SDPAAttention(MegatronModule):
+    """Core attention on ``torch.nn.functional.scaled_dot_product_attention``: the non-TE default.
+
+    megatron's local ``DotProductAttention`` materialises the [b, heads, s, s] scores in fp32 and
+    repeats K/V for GQA; SDPA's flash/efficient kernels (CPU and GPU) keep memory linear in s and
+    take grouped K/V as they are (``enable_gqa``). Same conventions as the local one: q [s, b, h, d],
+    k/v [s, b, h_kv, d], output [s, b, h·d]; causal unless an ``attention_mask`` is given (megatron's
+    convention, True = masked out, which then replaces the causal mask as in the local attention).
+    Packed (thd) batches attend within each sequence; context parallelism (CP > 1) goes through the
+    torch-native fallback ``megarope.mcore.context_parallel.cp_attention``, which is SDPA per chunk.
+    """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None):
         super().__init__(config=config)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
-            raise ValueError("the CPU context-parallel attention has no dropout: set attention_dropout=0")
+            # dropout would need megatron's per-TP-rank RNG tracker forks to match the local path
+            raise ValueError("megarope's SDPA core attention has no dropout: set attention_dropout=0 "
+                             "or core_attention='local'")
+        # getattr: fields that not every supported megatron-core version has
+        if getattr(config, "softmax_type", "vanilla") != "vanilla" or getattr(config, "window_size", None) is not None:
+            raise ValueError("megarope's SDPA core attention does plain causal softmax only "
+                             "(softmax_type='vanilla', window_size=None); use core_attention='local'")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"megarope's SDPA core attention is causal, got attn_mask_type={attn_mask_type}")
+        # apply_query_key_layer_scaling divides the scale by the layer number and the local softmax
+        # multiplies it back: the net scale is the same, so it is ignored here.
         self.softmax_scale = softmax_scale
-        self.cp_group = pg_collection.cp if pg_collection is not None else None
+        self.cp_group = pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp") else None
         if self.cp_group is None:
             from megatron.core import parallel_state
 
@@ -59,13 +80,23 @@ class TorchContextParallelAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        if attention_bias is not None:
+            raise ValueError("megarope's SDPA core attention takes no attention_bias")
         cu = None
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             cu = packed_seq_params.cu_seqlens_q_padded
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
-        out = cp_attention(query, key, value, cp_group=self.cp_group, softmax_scale=self.softmax_scale,
-                           causal=True, cu_seqlens_padded=cu)
+        if attention_mask is not None:
+            if cu is not None or self.cp_group.size() > 1:
+                raise ValueError("an explicit attention_mask works without packing and CP only; pass None (causal)")
+            out = F.scaled_dot_product_attention(
+                *(t.permute(1, 2, 0, 3) for t in (query, key, value)), attn_mask=~attention_mask,
+                scale=self.softmax_scale, enable_gqa=True).permute(2, 0, 1, 3)
+        else:
+            # with a one-rank CP group this is one causal SDPA call per sequence
+            out = cp_attention(query, key, value, cp_group=self.cp_group, softmax_scale=self.softmax_scale,
+                               causal=True, cu_seqlens_padded=cu)
         return out.reshape(*out.shape[: out.dim() - 2], -1)
 
 
@@ -74,11 +105,11 @@ class MegaropeCoreAttention(RopeStateMixin, MegatronModule):
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, *, rope: RopeConfig,
-                 inner: type = DotProductAttention):
+                 inner: type = SDPAAttention):
         super().__init__(config=config)
         self.layer_number = layer_number
         if inner is DotProductAttention and config.context_parallel_size > 1:
-            inner = TorchContextParallelAttention  # megatron's local attention asserts CP == 1
+            inner = SDPAAttention  # megatron's local attention asserts CP == 1
         kwargs = dict(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
                       attention_type=attention_type, attention_dropout=attention_dropout,
                       softmax_scale=softmax_scale, pg_collection=pg_collection)

@@ -29,6 +29,10 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     window: int = 128  # its pre-training window (the original_max_position_embeddings of every method)
     init_std: float = 0.02
+    # attention kernel without Transformer Engine (either model): "sdpa" (torch's
+    # scaled_dot_product_attention, memory linear in length) or "local" (megatron's
+    # DotProductAttention, which materialises [heads, s, s] scores: the plain reference)
+    core_attention: str = "sdpa"
 
 
 @dataclass
@@ -173,6 +177,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     lengths += [(f"stages[{i}].target_length", s.target_length) for i, s in enumerate(cfg.stages) if s.target_length]
     for key, length in lengths:
         need(length % multiple == 0, key, f"{length} tokens is not a multiple of {multiple} ({', '.join(why)})")
+    need(cfg.model.core_attention in ("sdpa", "local"), "model.core_attention",
+         f"one of sdpa|local, got {cfg.model.core_attention!r}")
     if cfg.model.path is not None:
         need(os.path.isdir(cfg.model.path), "model.path", f"no such checkpoint folder: {cfg.model.path}")
     else:
