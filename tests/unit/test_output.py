@@ -1,0 +1,52 @@
+"""Per-token NLL and argmax from the decoder output, chunk by chunk, against full logits."""
+
+import pytest
+import torch
+
+from megarope import RopeConfig
+from megarope.mcore import parallel
+from megarope.mcore.output import decoder_output, token_nll_and_argmax
+from megarope.mcore.spec import gpt_model, transformer_config
+
+VOCAB, SEQ = 96, 48
+ROPE = RopeConfig(rope_type="yarn", head_dim=16, factor=4.0, original_max_position_embeddings=16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_rank():
+    parallel.initialize()
+    yield
+
+
+def full_logits_stats(logits, labels):
+    """The computation it replaces: fp32 [b, s, vocab] log-softmax and argmax."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return -logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1), logits.argmax(-1)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk", [7, SEQ, 1024])
+def test_chunked_nll_and_argmax_equal_full_logits(chunk, tied):
+    config = transformer_config(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                                kv_channels=16, ffn_hidden_size=128, init_method_std=0.2)
+    torch.manual_seed(0)
+    model = gpt_model(config, ROPE, vocab_size=VOCAB, max_sequence_length=256,
+                      share_embeddings_and_output_weights=tied).eval()
+    gen = torch.Generator().manual_seed(1)
+    tokens, labels = torch.randint(0, VOCAB, (2, 2, SEQ), generator=gen)
+    positions = torch.arange(SEQ)[None].expand(2, -1)
+    predict = torch.rand(2, SEQ, generator=gen) < 0.3
+    with torch.no_grad():
+        logits = model(tokens, positions, None)
+        with decoder_output(model):
+            hidden = model(tokens, positions, None)
+        assert model.post_process  # restored
+        assert hidden.shape == (SEQ, 2, 64)
+        nll, predictions = token_nll_and_argmax(model, hidden, labels, predict=predict, chunk=chunk)
+        labels_path = model(tokens, positions, None, labels=labels)  # megatron's own NLL
+    ref_nll, ref_argmax = full_logits_stats(logits, labels)
+    torch.testing.assert_close(nll, ref_nll, rtol=0, atol=1e-5)
+    torch.testing.assert_close(nll, labels_path, rtol=0, atol=1e-5)
+    assert torch.equal(predictions[predict], ref_argmax[predict])
+    assert (predictions[~predict] == -1).all()  # no argmax where none was asked for
+    assert (ref_argmax[predict] != labels[predict]).any()  # the argmax is not trivially the label
