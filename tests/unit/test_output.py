@@ -50,3 +50,26 @@ def test_chunked_nll_and_argmax_equal_full_logits(chunk, tied):
     assert torch.equal(predictions[predict], ref_argmax[predict])
     assert (predictions[~predict] == -1).all()  # no argmax where none was asked for
     assert (ref_argmax[predict] != labels[predict]).any()  # the argmax is not trivially the label
+
+
+def test_engine_score_equals_full_logits():
+    """The product path (Engine.score through megatron's schedule) against full fp32 logits."""
+    from megarope.data.samples import lm_sample
+    from megarope.run.config import Config
+    from megarope.run.engine import Engine
+
+    engine = Engine(Config(), RopeConfig(head_dim=32), vocab_size=VOCAB)
+    gen = torch.Generator().manual_seed(2)
+    rows = [torch.randint(0, VOCAB, (SEQ + 1,), generator=gen) for _ in range(2)]
+    answer = torch.zeros(SEQ + 1)
+    answer[-6:] = 1  # a passkey-like mask: the last five labels only
+    samples = [lm_sample(rows[0]), lm_sample(rows[1], answer)]
+    scores = engine.score(samples)
+    for sample, row in zip(samples, scores):
+        with torch.no_grad():
+            logits = engine.model(sample["tokens"], sample["position_ids"], None)
+        nll, argmax = full_logits_stats(logits, sample["labels"])
+        mask = sample["loss_mask"]
+        assert abs(row[0].item() - (nll * mask).sum().item()) <= 1e-5 * max(1.0, row[0].item())
+        assert row[1].item() == mask.sum().item()
+        assert row[2].item() == ((argmax != sample["labels"]).float() * mask).sum().item()
