@@ -7,8 +7,9 @@ tokenized with the folder's tokenizer, or their bytes modulo the vocabulary when
 
 - transformers: ``AutoModelForCausalLM`` with ``attn_implementation="sdpa"`` (how the LongRoPE
   reference scores a candidate), NLL from ``labels=``.
-- megarope: ``megarope.from_hf`` (the SDPA core attention without TE), NLL from megatron's
-  cross-entropy on ``labels=``.
+- megarope: ``megarope.from_hf`` (the SDPA core attention without TE), NLL as the evaluation
+  engine computes it: the decoder output through the output weight 1024 tokens at a time
+  (``megarope.mcore.output``), never the whole [s, vocab] logits.
 
 Runs alternate (megarope, transformers, megarope, ...) so load drift hits both alike; the table
 gives the fastest of ``--repeats`` runs, the perplexity, and the peak resident memory above the
@@ -104,9 +105,13 @@ def token_ids(folder: Path, length: int, vocab_size: int) -> torch.Tensor:
 
 
 def megarope_nll(model, ids: torch.Tensor) -> float:
+    from megarope.mcore.output import decoder_output, token_nll_and_argmax
+
     tokens, labels = ids[None, :-1], ids[None, 1:]
     positions = torch.arange(tokens.shape[1])[None]
-    return model(tokens, positions, None, labels=labels).float().mean().item()
+    with decoder_output(model):
+        hidden = model(tokens, positions, None)
+    return token_nll_and_argmax(model, hidden, labels)[0].mean().item()
 
 
 def transformers_nll(model, ids: torch.Tensor) -> float:
