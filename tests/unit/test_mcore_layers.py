@@ -280,3 +280,24 @@ def test_export_of_entropy_abf_says_what_transformers_lacks(tmp_path):
     assert "no transformers equivalent" in note and "query scale" in note
     exported = RopeConfig.from_hf(LlamaConfig.from_pretrained(out).to_dict())
     assert exported == eabf.replace(max_position_embeddings=hf.config.max_position_embeddings)
+
+
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest CPU allocation one op makes while ``fn`` runs (torch's profiler)."""
+    with torch.profiler.profile(profile_memory=True) as prof:
+        fn()
+    return max(e.cpu_memory_usage for e in prof.events())
+
+
+def test_sdpa_attention_never_materialises_the_score_matrix():
+    """Memory linear in length: no op allocates even one head's [s, s] fp32 scores, which megatron's
+    local attention does for all heads (the control that shows the measurement sees it)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    config, kwargs = tiny_config(), dict(layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    s, gen = 2048, torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(s, 1, h, HEAD_DIM, generator=gen) for h in (4, 2, 2))
+    one_head_scores = s * s * 4
+    with torch.no_grad():
+        assert _largest_allocation(lambda: SDPAAttention(config, **kwargs)(q, k, v, None)) < one_head_scores / 4
+        assert _largest_allocation(lambda: DotProductAttention(config, **kwargs)(q, k, v, None)) >= 4 * one_head_scores
