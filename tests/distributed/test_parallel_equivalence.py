@@ -279,9 +279,10 @@ def test_engine_rejects_sequence_not_divisible_by_2cp(runs, layout):
         ({"parallel.pp": 3}, None, r"^parallel.pp: model.num_layers=4 is not divisible by parallel.pp=3"),
         ({"parallel.tp": 2, "parallel.cp": 2}, 6,
          r"^parallel.tp: world size 6 is not divisible by parallel.tp\*pp\*cp = 4"),
+        ({"model.core_attention": "flash"}, None, r"^model.core_attention: one of sdpa\|local, got 'flash'"),
     ],
     ids=["seq_vs_cp", "eval_length_vs_cp", "seq_vs_sp", "heads_vs_tp", "groups_vs_tp", "layers_vs_pp",
-         "world_size"],
+         "world_size", "core_attention"],
 )
 def test_validate_names_the_field(changes, world_size, match):
     from megarope.run.config import ConfigError, validate

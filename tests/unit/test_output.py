@@ -55,7 +55,7 @@ def test_chunked_nll_and_argmax_equal_full_logits(chunk, tied):
 def test_engine_score_equals_full_logits():
     """The product path (Engine.score through megatron's schedule) against full fp32 logits."""
     from megarope.data.samples import lm_sample
-    from megarope.run.config import Config
+    from megarope.run.config import Config, ModelConfig
     from megarope.run.engine import Engine
 
     engine = Engine(Config(), RopeConfig(head_dim=32), vocab_size=VOCAB)
@@ -73,3 +73,12 @@ def test_engine_score_equals_full_logits():
         assert abs(row[0].item() - (nll * mask).sum().item()) <= 1e-5 * max(1.0, row[0].item())
         assert row[1].item() == mask.sum().item()
         assert row[2].item() == ((argmax != sample["labels"]).float() * mask).sum().item()
+    # model.core_attention=local reaches the model: megatron's local attention, same scores
+    from megarope.mcore.attention import SDPAAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    local = Engine(Config(model=ModelConfig(core_attention="local")), RopeConfig(head_dim=32), vocab_size=VOCAB)
+    inner = [local.model, engine.model]
+    inner = [m.decoder.layers[0].self_attention.core_attention.inner for m in inner]
+    assert isinstance(inner[0], DotProductAttention) and isinstance(inner[1], SDPAAttention)
+    torch.testing.assert_close(local.score(samples), scores, rtol=1e-6, atol=1e-5)
