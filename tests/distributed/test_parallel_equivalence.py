@@ -183,7 +183,12 @@ def _train(layout: Layout, method: str, root: str) -> dict:
             if step == 0:
                 _save_grads(engine.model, os.path.join(root, f"grads-{layout.name}-{method}"))
                 spread = _replica_spread(engine.model)
-        result = {"steps": steps, "replica_spread": spread}
+        # evaluation after training: chunked vocab-parallel NLL and argmax (megarope.mcore.output)
+        # through the same schedules, on samples whose loss mask covers the second half only
+        samples = _micro_batches(STEPS)
+        for sample in samples:
+            sample["loss_mask"][:, : SEQ // 2] = 0
+        result = {"steps": steps, "replica_spread": spread, "scores": engine.score(samples)}
         if layout.cp > 1:
             result["bad_length_error"] = _error(lambda: engine.score(_micro_batches(0, seq=SEQ - 2)))
         return result
@@ -255,6 +260,16 @@ def test_layout_matches_single_process(runs, layout, method):
             got["grads"][name], expected, rtol=GRAD_RTOL, atol=GRAD_ATOL_OF_MAX * expected.abs().max().item(),
             msg=lambda m: f"{layout.name} {method} grad of {name}: {m}",
         )
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("layout", TWO_RANKS + FOUR_RANKS, ids=lambda layout: layout.name)
+def test_scores_match_single_process(runs, layout, method):
+    """Engine.score per micro-batch: summed NLL, masked count, and wrong argmax count (all wrong
+    after 5 steps: the argmax itself is checked against transformers in test_output_tp.py)."""
+    got, ref = runs[layout.name, method]["scores"], runs["single", method]["scores"]
+    torch.testing.assert_close(got[:, 0], ref[:, 0], rtol=LOSS_RTOL, atol=0)
+    assert torch.equal(got[:, 1:], ref[:, 1:]) and (ref[:, 1] == MICRO_BATCH_SIZE * SEQ // 2).all()
 
 
 @pytest.mark.parametrize("layout", [layout for layout in TWO_RANKS + FOUR_RANKS if layout.cp > 1],
