@@ -17,8 +17,11 @@ spec has it (fast kernels and TE's context parallelism are kept), otherwise ``SD
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -58,11 +61,7 @@ class SDPAAttention(MegatronModule):
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None):
         super().__init__(config=config)
-        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if dropout:
-            # dropout would need megatron's per-TP-rank RNG tracker forks to match the local path
-            raise ValueError("megarope's SDPA core attention has no dropout: set attention_dropout=0 "
-                             "or core_attention='local'")
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         # getattr: fields that not every supported megatron-core version has
         if getattr(config, "softmax_type", "vanilla") != "vanilla" or getattr(config, "window_size", None) is not None:
             raise ValueError("megarope's SDPA core attention does plain causal softmax only "
@@ -87,16 +86,23 @@ class SDPAAttention(MegatronModule):
             cu = packed_seq_params.cu_seqlens_q_padded
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
+        dropout_p = self.dropout if self.training else 0.0
+        # as megatron's local attention: attention dropout draws from the model-parallel RNG stream
+        # (different per TP rank) unless sequence parallelism already splits the tokens over TP
+        rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p and not self.config.sequence_parallel
+               else contextlib.nullcontext())
         if attention_mask is not None:
             if cu is not None or self.cp_group.size() > 1:
                 raise ValueError("an explicit attention_mask works without packing and CP only; pass None (causal)")
-            out = F.scaled_dot_product_attention(
-                *(t.permute(1, 2, 0, 3) for t in (query, key, value)), attn_mask=~attention_mask,
-                scale=self.softmax_scale, enable_gqa=True).permute(2, 0, 1, 3)
+            with rng:
+                out = F.scaled_dot_product_attention(
+                    *(t.permute(1, 2, 0, 3) for t in (query, key, value)), attn_mask=~attention_mask,
+                    dropout_p=dropout_p, scale=self.softmax_scale, enable_gqa=True).permute(2, 0, 1, 3)
         else:
             # with a one-rank CP group this is one causal SDPA call per sequence
-            out = cp_attention(query, key, value, cp_group=self.cp_group, softmax_scale=self.softmax_scale,
-                               causal=True, cu_seqlens_padded=cu)
+            with rng:
+                out = cp_attention(query, key, value, cp_group=self.cp_group, softmax_scale=self.softmax_scale,
+                                   causal=True, cu_seqlens_padded=cu, dropout_p=dropout_p)
         return out.reshape(*out.shape[: out.dim() - 2], -1)
 
 

@@ -301,3 +301,17 @@ def test_sdpa_attention_never_materialises_the_score_matrix():
     with torch.no_grad():
         assert _largest_allocation(lambda: SDPAAttention(config, **kwargs)(q, k, v, None)) < one_head_scores / 4
         assert _largest_allocation(lambda: DotProductAttention(config, **kwargs)(q, k, v, None)) >= 4 * one_head_scores
+
+
+def test_sdpa_attention_dropout_in_training_only():
+    """attention_dropout acts in training mode only (as megatron's local attention); eval is exact."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    kwargs = dict(layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(32, 2, h, HEAD_DIM, generator=gen) for h in (4, 2, 2))
+    plain = SDPAAttention(tiny_config(), **kwargs)(q, k, v, None)
+    dropped = SDPAAttention(tiny_config(attention_dropout=0.5), **kwargs)
+    torch.testing.assert_close(dropped.eval()(q, k, v, None), plain, rtol=0, atol=0)
+    out = dropped.train()(q, k, v, None)
+    assert torch.isfinite(out).all() and (out - plain).abs().max() > 0.1
