@@ -39,11 +39,10 @@ def decoder_output(model) -> Iterator[None]:
 
 
 def _output_weight(model) -> torch.Tensor:
-    """This TP rank's vocabulary shard of the output weight [vocab/tp, h], as GPTModel uses it."""
+    """This TP rank's vocabulary shard of the output weight [vocab/tp, h], as GPTModel uses it
+    (GPTModel builds its output layer with bias=False, so the weight is all there is)."""
     if model.share_embeddings_and_output_weights:
         return model.shared_embedding_or_output_weight()
-    if model.output_layer.bias is not None:
-        raise ValueError("an output layer with a bias is not a GPTModel output layer")
     return model.output_layer.weight
 
 
