@@ -99,7 +99,8 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in weights.items()}
 
 
-def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **config_overrides):
+def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, core_attention: str = "sdpa",
+            **config_overrides):
     """A megatron-core ``GPTModel`` with megarope layers from a Hugging Face checkpoint folder.
 
     In a plain process (no torchrun) a one-rank process group is created (``parallel.destroy()``
@@ -107,7 +108,8 @@ def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **config_ov
     pipeline stage are loaded. torch is left as it was: the CPU compatibility layer is on only
     while the model is built and while it runs (or as long as the caller's ``parallel.initialize``
     keeps it on).
-    ``rope`` overrides the checkpoint's RoPE configuration (e.g. to extend it).
+    ``rope`` overrides the checkpoint's RoPE configuration (e.g. to extend it); ``core_attention``
+    picks the attention kernel without Transformer Engine (see ``megarope.mcore.spec.layer_spec``).
     """
     from megatron.core import parallel_state
 
@@ -118,12 +120,13 @@ def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **config_ov
     with compat.cpu_compat():
         if not parallel_state.model_parallel_is_initialized():
             parallel.initialize()
-        model = build_from_hf(path, rope, **config_overrides)
+        model = build_from_hf(path, rope, core_attention=core_attention, **config_overrides)
     model.eval()
     return compat.scoped_forward(model)
 
 
-def build_from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **config_overrides):
+def build_from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, core_attention: str = "sdpa",
+                  **config_overrides):
     """``from_hf`` under an already initialised parallel state (the training engine's path)."""
     from megarope.mcore.spec import gpt_model
     from megarope.mcore.weights import load_full_weights
@@ -137,6 +140,7 @@ def build_from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, **con
         vocab_size=config.vocab_size,
         max_sequence_length=config.max_position_embeddings,
         share_embeddings_and_output_weights=bool(config.tie_word_embeddings),
+        core_attention=core_attention,
     )
     load_full_weights(model, read_hf_weights(path))
     return model

@@ -10,16 +10,22 @@ query/key/value after megatron applied the rotary embedding, multiplies the quer
   YaRN configs),
 
 then calls the wrapped core attention: Transformer Engine's ``TEDotProductAttention`` when the
-spec has it (fast kernels and TE's context parallelism are kept), megatron's local
-``DotProductAttention`` otherwise, or, for context parallelism and packed (thd) batches without
-Transformer Engine, the torch-native CPU fallback in ``megarope.mcore.context_parallel``
-(block-diagonal per document).
+spec has it (fast kernels and TE's context parallelism are kept), otherwise ``SDPAAttention``
+(torch's ``scaled_dot_product_attention``, the default without TE; context parallelism and packed
+(thd) batches block-diagonal per document through ``megarope.mcore.context_parallel``) or
+megatron's local ``DotProductAttention`` (the plain reference, ``core_attention="local"``; packed
+batches, which it rejects, still go to SDPA).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megarope.mcore.context_parallel import cp_attention, cp_local_indices
@@ -42,18 +48,32 @@ def global_positions(
     return torch.cat(parts)
 
 
-class TorchContextParallelAttention(MegatronModule):
-    """Context-parallel and packed-sequence core attention without Transformer Engine (the CPU
-    fallback; CP size 1 is plain causal attention per document)."""
+class SDPAAttention(MegatronModule):
+    """Core attention on ``torch.nn.functional.scaled_dot_product_attention``: the non-TE default.
+
+    megatron's local ``DotProductAttention`` materialises the [b, heads, s, s] scores in fp32 and
+    repeats K/V for GQA; SDPA's flash/efficient kernels (CPU and GPU) keep memory linear in s and
+    take grouped K/V as they are (``enable_gqa``). Same conventions as the local one: q [s, b, h, d],
+    k/v [s, b, h_kv, d], output [s, b, h·d]; causal unless an ``attention_mask`` is given (megatron's
+    convention, True = masked out, which then replaces the causal mask as in the local attention).
+    Packed (thd) batches attend within each sequence; context parallelism (CP > 1) goes through the
+    torch-native fallback ``megarope.mcore.context_parallel.cp_attention``, which is SDPA per chunk.
+    """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None):
         super().__init__(config=config)
-        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if dropout:
-            raise ValueError("the CPU context-parallel attention has no dropout: set attention_dropout=0")
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        # getattr: fields that not every supported megatron-core version has
+        if getattr(config, "softmax_type", "vanilla") != "vanilla" or getattr(config, "window_size", None) is not None:
+            raise ValueError("megarope's SDPA core attention does plain causal softmax only "
+                             "(softmax_type='vanilla', window_size=None); use core_attention='local'")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"megarope's SDPA core attention is causal, got attn_mask_type={attn_mask_type}")
+        # apply_query_key_layer_scaling divides the scale by the layer number and the local softmax
+        # multiplies it back: the net scale is the same, so it is ignored here.
         self.softmax_scale = softmax_scale
-        self.cp_group = pg_collection.cp if pg_collection is not None else None
+        self.cp_group = pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp") else None
         if self.cp_group is None:
             from megatron.core import parallel_state
 
@@ -61,13 +81,30 @@ class TorchContextParallelAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        if attention_bias is not None:
+            raise ValueError("megarope's SDPA core attention takes no attention_bias")
         cu = None
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             cu = packed_seq_params.cu_seqlens_q_padded
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
-        out = cp_attention(query, key, value, cp_group=self.cp_group, softmax_scale=self.softmax_scale,
-                           causal=True, cu_seqlens_padded=cu)
+        dropout_p = self.dropout if self.training else 0.0
+        # as megatron's local attention: attention dropout draws from the model-parallel RNG stream
+        # (different per TP rank) unless sequence parallelism already splits the tokens over TP
+        rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p and not self.config.sequence_parallel
+               else contextlib.nullcontext())
+        if attention_mask is not None:
+            if cu is not None or self.cp_group.size() > 1:
+                raise ValueError("an explicit attention_mask works without packing and CP only; pass None (causal)")
+            with rng:
+                out = F.scaled_dot_product_attention(
+                    *(t.permute(1, 2, 0, 3) for t in (query, key, value)), attn_mask=~attention_mask,
+                    dropout_p=dropout_p, scale=self.softmax_scale, enable_gqa=True).permute(2, 0, 1, 3)
+        else:
+            # with a one-rank CP group this is one causal SDPA call per sequence
+            with rng:
+                out = cp_attention(query, key, value, cp_group=self.cp_group, softmax_scale=self.softmax_scale,
+                                   causal=True, cu_seqlens_padded=cu, dropout_p=dropout_p)
         return out.reshape(*out.shape[: out.dim() - 2], -1)
 
 
@@ -76,20 +113,20 @@ class MegaropeCoreAttention(RopeStateMixin, MegatronModule):
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, *, rope: RopeConfig,
-                 inner: type = DotProductAttention):
+                 inner: type = SDPAAttention):
         super().__init__(config=config)
         self.layer_number = layer_number
         if inner is DotProductAttention and config.context_parallel_size > 1:
-            inner = TorchContextParallelAttention  # megatron's local attention asserts CP == 1
+            inner = SDPAAttention  # megatron's local attention asserts CP == 1
         kwargs = dict(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
                       attention_type=attention_type, attention_dropout=attention_dropout,
                       softmax_scale=softmax_scale, pg_collection=pg_collection)
         if cp_comm_type is not None:
             kwargs["cp_comm_type"] = cp_comm_type
         self.inner = inner(**kwargs)
-        # megatron's local attention rejects packed (thd) batches: those go to the torch-native
-        # path, which attends within each document (no parameters: nothing changes in checkpoints)
-        self.packed = TorchContextParallelAttention(**kwargs) if isinstance(self.inner, DotProductAttention) else None
+        # megatron's local attention rejects packed (thd) batches: those go to SDPA, which attends
+        # within each document (no parameters: nothing changes in checkpoints)
+        self.packed = SDPAAttention(**kwargs) if isinstance(self.inner, DotProductAttention) else None
         self.cp_group = pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp") else None
         self.set_rope(rope)
 

@@ -189,6 +189,7 @@ def cp_attention(
     softmax_scale: float | None = None,
     causal: bool = True,
     cu_seqlens_padded: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention of this CP rank's queries over the whole sequence (CPU fallback, see module doc).
 
@@ -196,8 +197,9 @@ def cp_attention(
     load-balanced layout (megatron's sbhd order); returns [s_local, b, h, d_v].
     thd: pass ``cu_seqlens_padded`` (global cumulative lengths of the padded sequences) and q/k/v [t_local, h(_kv), d];
     attention stays within each sequence; returns [t_local, h, d_v].
-    GQA: h_kv must divide h. ``cp_group`` None means the default group, or no CP when
-    torch.distributed is not initialised. Every rank of ``cp_group`` must call this (and its
+    GQA: h_kv must divide h. ``dropout_p``: attention dropout (each query chunk is one SDPA call
+    over all keys it sees, so this is dropout on its whole softmax row). ``cp_group`` None means
+    the default group, or no CP when torch.distributed is not initialised. Every rank of ``cp_group`` must call this (and its
     backward) together.
     """
     thd = cu_seqlens_padded is not None
@@ -249,13 +251,19 @@ def cp_attention(
             q_chunk = q[:, :, local_start + i * chunk : local_start + (i + 1) * chunk]
             # A query chunk sees all earlier chunks, and itself causally (lower-right aligned).
             key_end = start + (chunk_id + 1) * chunk if causal else end
-            mask = causal_lower_right(chunk, key_end - start) if causal else None
+            # A square causal block (the whole sequence without CP) goes as is_causal: a CausalBias
+            # there makes torch 2.13's CPU SDPA allocate O(s^2) (measured 32 MiB at 2048 tokens,
+            # 1 MiB with is_causal).
+            square = causal and key_end - start == chunk
+            mask = causal_lower_right(chunk, key_end - start) if causal and not square else None
             outputs.append(
                 F.scaled_dot_product_attention(
                     q_chunk,
                     k[:, :, start:key_end],
                     v[:, :, start:key_end],
                     attn_mask=mask,
+                    dropout_p=dropout_p,
+                    is_causal=square,
                     scale=softmax_scale,
                     enable_gqa=True,
                 )

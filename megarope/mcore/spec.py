@@ -9,9 +9,10 @@
 
 For your own model: ``layer_spec(rope)`` is megatron's GPT layer spec (Transformer Engine's where
 importable, the local one otherwise) with ``MegaropeCoreAttention`` in the ``core_attention``
-slot, and ``install_rope(model, rope)`` swaps ``model.rotary_pos_emb`` for
-``MegaropeRotaryEmbedding``. Both are needed: the rotary gives the angles, the core attention the
-attention factor and the entropy-aware query scale.
+slot (around TE's attention, or without TE around ``SDPAAttention`` by default or megatron's local
+``DotProductAttention`` with ``core_attention="local"``), and ``install_rope(model, rope)`` swaps
+``model.rotary_pos_emb`` for ``MegaropeRotaryEmbedding``. Both are needed: the rotary gives the
+angles, the core attention the attention factor and the entropy-aware query scale.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megarope.mcore.attention import MegaropeCoreAttention
+from megarope.mcore.attention import MegaropeCoreAttention, SDPAAttention
 from megarope.mcore.rotary import MegaropeRotaryEmbedding
 from megarope.rope.config import RopeConfig
 
@@ -41,9 +42,20 @@ def te_available() -> bool:
     return True
 
 
+CORE_ATTENTIONS = ("sdpa", "local")
+
+
 def layer_spec(rope: RopeConfig, use_te: bool | None = None, normalization: str = "RMSNorm",
-               qk_layernorm: bool = False) -> ModuleSpec:
-    """megatron's GPT layer spec with megarope's core attention wrapped around the original one."""
+               qk_layernorm: bool = False, core_attention: str = "sdpa") -> ModuleSpec:
+    """megatron's GPT layer spec with megarope's core attention wrapped around the original one.
+
+    ``core_attention`` picks the kernel of the non-TE spec: ``"sdpa"`` (``SDPAAttention``, torch's
+    scaled_dot_product_attention, memory linear in length) or ``"local"`` (megatron's
+    DotProductAttention, which materialises the scores: the plain reference). With TE, TE's
+    attention is used either way.
+    """
+    if core_attention not in CORE_ATTENTIONS:
+        raise ValueError(f"core_attention must be one of {CORE_ATTENTIONS}, got {core_attention!r}")
     if use_te is None:
         use_te = te_available()
     if use_te:
@@ -52,6 +64,8 @@ def layer_spec(rope: RopeConfig, use_te: bool | None = None, normalization: str 
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+        if core_attention == "sdpa":
+            spec.submodules.self_attention.submodules.core_attention = SDPAAttention
     return wrap_core_attention(spec, rope)
 
 
@@ -102,9 +116,11 @@ def install_rope(model: GPTModel, rope: RopeConfig) -> GPTModel:
 
 def gpt_model(config: TransformerConfig, rope: RopeConfig, vocab_size: int, max_sequence_length: int | None = None,
               spec: ModuleSpec | None = None, pre_process: bool | None = None, post_process: bool | None = None,
-              share_embeddings_and_output_weights: bool = False, **kwargs) -> GPTModel:
+              share_embeddings_and_output_weights: bool = False, core_attention: str = "sdpa",
+              **kwargs) -> GPTModel:
     """A megatron-core GPTModel with megarope's rotary embedding and core attention (this pipeline
-    stage's layers only, as GPTModel itself does)."""
+    stage's layers only, as GPTModel itself does); ``core_attention`` as in :func:`layer_spec`,
+    used when ``spec`` is not given."""
     if config.kv_channels is not None and rope.head_dim != config.kv_channels:
         raise ValueError(f"rope.head_dim={rope.head_dim} differs from the model's kv_channels={config.kv_channels}")
     if pre_process is None:
@@ -113,7 +129,7 @@ def gpt_model(config: TransformerConfig, rope: RopeConfig, vocab_size: int, max_
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=spec if spec is not None else layer_spec(rope),
+        transformer_layer_spec=spec if spec is not None else layer_spec(rope, core_attention=core_attention),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length or rope.max_position_embeddings or 4096,
         pre_process=pre_process,
@@ -142,5 +158,5 @@ def set_rope(model: torch.nn.Module, rope: RopeConfig) -> None:
             module.set_rope(rope)
 
 
-__all__ = ["layer_spec", "wrap_core_attention", "transformer_config", "install_rope", "gpt_model", "rope_of",
+__all__ = ["CORE_ATTENTIONS", "layer_spec", "wrap_core_attention", "transformer_config", "install_rope", "gpt_model", "rope_of",
            "set_rope", "te_available"]

@@ -38,22 +38,33 @@ def padded_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 def mask_padded_logits(model, vocab_size: int) -> None:
     """Logits of the padding ids (>= ``vocab_size``) become -inf on the last stage's output layer,
     so the loss, perplexities and argmax see only real tokens whatever the padding (their
-    weights then get no gradient either)."""
+    weights then get no gradient either). ``model.real_vocab_size`` records it for the chunked
+    evaluation (:func:`megarope.mcore.output.token_nll_and_argmax`), which bypasses the layer."""
     layer = getattr(model, "output_layer", None)
     if layer is None or vocab_size >= model.vocab_size:
         return
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    model.real_vocab_size = vocab_size
 
     def hook(module, args, output):
         logits, bias = output
-        # this TP rank's slice of the padded vocabulary, or all of it when the layer gathered
-        # its output over TP (``runtime_gather_output``, as evaluation asks)
-        width = logits.shape[-1]
-        first = 0 if width == model.vocab_size else tp_rank * width
-        ids = torch.arange(first, first + width, device=logits.device)
-        return logits.masked_fill(ids >= vocab_size, float("-inf")), bias
+        if logits.shape[-1] == model.vocab_size:  # gathered over TP (``runtime_gather_output``)
+            return _mask_from(logits, 0, vocab_size), bias
+        return mask_vocab_shard(model, logits), bias
 
     layer.register_forward_hook(hook)
+
+
+def _mask_from(logits: torch.Tensor, first: int, vocab_size: int) -> torch.Tensor:
+    ids = torch.arange(first, first + logits.shape[-1], device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, float("-inf"))
+
+
+def mask_vocab_shard(model, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` [..., vocab/tp] of this TP rank with the padding ids at -inf (as is without padding)."""
+    vocab_size = getattr(model, "real_vocab_size", None)
+    if vocab_size is None:
+        return logits
+    return _mask_from(logits, parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1], vocab_size)
 
 
 def _tp_shard(tensor: torch.Tensor, dim: int) -> torch.Tensor:

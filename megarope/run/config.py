@@ -30,6 +30,10 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     window: int = 128  # its pre-training window (the original_max_position_embeddings of every method)
     init_std: float = 0.02
+    # attention kernel without Transformer Engine (either model): "sdpa" (torch's
+    # scaled_dot_product_attention, memory linear in length) or "local" (megatron's
+    # DotProductAttention, which materialises [heads, s, s] scores: the plain reference)
+    core_attention: str = "sdpa"
 
 
 @dataclass
@@ -195,6 +199,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"the {module} package is not installed (pip install {module})")
     need(cfg.log.wandb_mode in ("offline", "online"), "log.wandb_mode",
          f"offline or online, got {cfg.log.wandb_mode!r}")
+    need(cfg.model.core_attention in ("sdpa", "local"), "model.core_attention",
+         f"one of sdpa|local, got {cfg.model.core_attention!r}")
     if cfg.model.path is not None:
         need(os.path.isdir(cfg.model.path), "model.path", f"no such checkpoint folder: {cfg.model.path}")
     else:

@@ -25,6 +25,7 @@ from megarope.eval.passkey import wrong_tokens
 from megarope.mcore import parallel
 from megarope.mcore.compat import compute_device
 from megarope.mcore.context_parallel import pack_thd, slice_bshd
+from megarope.mcore.output import decoder_output, token_nll_and_argmax
 from megarope.mcore.spec import set_rope
 from megarope.rope.config import RopeConfig
 from megarope.run.config import Config
@@ -133,19 +134,19 @@ class Engine:
     def _eval_forward(self, data_iterator, model):
         batch, packed = self._local(next(data_iterator))
         mask = batch["loss_mask"].float()
-        logits = model(batch["tokens"], batch["position_ids"], None, runtime_gather_output=True,
-                       packed_seq_params=packed)
+        # the decoder output, not [s, vocab] logits: the output layer runs chunk by chunk in loss_func
+        with decoder_output(self.model):
+            hidden = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed)
 
         def loss_func(output):
-            logprobs = torch.log_softmax(output.float(), dim=-1)
-            nll = -logprobs.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
-            wrong = wrong_tokens(output.argmax(-1), batch["labels"], mask).sum()
+            nll, predictions = token_nll_and_argmax(self.model, output, batch["labels"], predict=mask > 0)
+            wrong = wrong_tokens(predictions, batch["labels"], mask).sum()
             stats = torch.cat([self._masked_sums(nll, mask), wrong.view(1)])
             if self.cp_size > 1:
                 dist.all_reduce(stats[2:], group=parallel_state.get_context_parallel_group())
             return stats[0], {"stats": stats.detach().clone()}
 
-        return logits, loss_func
+        return hidden, loss_func
 
     def _run(self, forward, micro_batches: list[dict], forward_only: bool):
         seq_len = micro_batches[0]["tokens"].shape[1]

@@ -184,7 +184,12 @@ def _train(layout: Layout, method: str, root: str) -> dict:
             if step == 0:
                 _save_grads(engine.model, os.path.join(root, f"grads-{layout.name}-{method}"))
                 spread = _replica_spread(engine.model)
-        result = {"steps": steps, "replica_spread": spread}
+        # evaluation after training: chunked vocab-parallel NLL and argmax (megarope.mcore.output)
+        # through the same schedules, on samples whose loss mask covers the second half only
+        samples = _micro_batches(STEPS)
+        for sample in samples:
+            sample["loss_mask"][:, : SEQ // 2] = 0
+        result = {"steps": steps, "replica_spread": spread, "scores": engine.score(samples)}
         if layout.cp > 1:
             result["bad_length_error"] = _error(lambda: engine.score(_micro_batches(0, seq=SEQ - 2)))
         return result
@@ -258,6 +263,16 @@ def test_layout_matches_single_process(runs, layout, method):
         )
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("layout", TWO_RANKS + FOUR_RANKS, ids=lambda layout: layout.name)
+def test_scores_match_single_process(runs, layout, method):
+    """Engine.score per micro-batch: summed NLL, masked count, and wrong argmax count (all wrong
+    after 5 steps: the argmax itself is checked against transformers in test_output_tp.py)."""
+    got, ref = runs[layout.name, method]["scores"], runs["single", method]["scores"]
+    torch.testing.assert_close(got[:, 0], ref[:, 0], rtol=LOSS_RTOL, atol=0)
+    assert torch.equal(got[:, 1:], ref[:, 1:]) and (ref[:, 1] == MICRO_BATCH_SIZE * SEQ // 2).all()
+
+
 @pytest.mark.parametrize("layout", [layout for layout in TWO_RANKS + FOUR_RANKS if layout.cp > 1],
                          ids=lambda layout: layout.name)
 def test_engine_rejects_sequence_not_divisible_by_2cp(runs, layout):
@@ -287,9 +302,10 @@ def test_engine_rejects_sequence_not_divisible_by_2cp(runs, layout):
         pytest.param({"log.wandb": True}, None, r"^log.wandb: the wandb package is not installed",
                      marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None,
                                               reason="wandb is installed here")),
+        ({"model.core_attention": "flash"}, None, r"^model.core_attention: one of sdpa\|local, got 'flash'"),
     ],
     ids=["seq_vs_cp", "eval_length_vs_cp", "seq_vs_sp", "heads_vs_tp", "groups_vs_tp", "layers_vs_pp",
-         "world_size", "packed_vs_pp", "packed_vs_sp", "wandb_missing"],
+         "world_size", "packed_vs_pp", "packed_vs_sp", "wandb_missing", "core_attention"],
 )
 def test_validate_names_the_field(changes, world_size, match):
     from megarope.run.config import ConfigError, validate

@@ -9,7 +9,10 @@ from transformers.models.llama import modeling_llama
 
 import megarope
 from megarope import RopeConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
 from megarope.mcore import parallel
+from megarope.mcore.attention import MegaropeCoreAttention, SDPAAttention
 from megarope.mcore.spec import gpt_model, rope_of, set_rope, transformer_config
 
 VOCAB, WINDOW = 96, 16
@@ -139,15 +142,83 @@ def test_entropy_abf_matches_independent_reference(tmp_path, monkeypatch):
     assert (scaled[2] - plain[2]).abs().max() > 1e-3
 
 
-def tiny_model(rope, layers=2):
-    config = transformer_config(num_layers=layers, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                                kv_channels=HEAD_DIM, ffn_hidden_size=128)
+def tiny_config(layers=2, **kwargs):
+    return transformer_config(num_layers=layers, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                              kv_channels=HEAD_DIM, ffn_hidden_size=128, **kwargs)
+
+
+def tiny_model(rope, layers=2, core_attention="sdpa", **kwargs):
     torch.manual_seed(0)
-    return gpt_model(config, rope, vocab_size=VOCAB, max_sequence_length=256)
+    return gpt_model(tiny_config(layers, **kwargs), rope, vocab_size=VOCAB, max_sequence_length=256,
+                     core_attention=core_attention)
 
 
 LONGROPE = RopeConfig(rope_type="longrope", head_dim=HEAD_DIM, long_factor=[1.0 + i for i in range(8)],
                       short_factor=[1.0] * 8, original_max_position_embeddings=WINDOW, factor=4.0, n_hat=4)
+EABF = RopeConfig(rope_type="eabf", head_dim=HEAD_DIM, rope_theta=500_000.0, original_max_position_embeddings=WINDOW)
+
+
+def _core(model, layer=0):
+    return model.decoder.layers[layer].self_attention.core_attention
+
+
+@pytest.mark.parametrize("rope", [LONGROPE, EABF], ids=["longrope_nhat4", "eabf"])
+def test_sdpa_attention_equals_local_forward_and_backward(rope):
+    """The SDPA default against megatron's local attention (the reference), with the attention
+    factor (LongRoPE mscale, long factors past the window) and the per-position E-ABF query scale."""
+    layers = 3  # E-ABF scales layers after unscaled_layers=2
+    # large weights so that attention really depends on the scales
+    sdpa, local = (tiny_model(rope, layers, kind, init_method_std=0.2) for kind in ("sdpa", "local"))
+    assert isinstance(_core(sdpa).inner, SDPAAttention) and isinstance(_core(local).inner, DotProductAttention)
+    assert isinstance(_core(tiny_model(rope)).inner, SDPAAttention)  # the default without TE
+    for a, b in zip(sdpa.parameters(), local.parameters()):
+        assert torch.equal(a, b)
+    ids = torch.randint(0, VOCAB, (2, 4 * WINDOW), generator=torch.Generator().manual_seed(6))
+    positions = torch.arange(ids.shape[1])[None].expand(2, -1)
+    grads, outputs = [], []
+    for model in (sdpa, local):
+        out = model(ids, positions, None)
+        (out.float().square().mean()).backward()
+        outputs.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    tolerance = 1e-5 * outputs[1].abs().max()  # fp32 summation order differs
+    assert (outputs[0] - outputs[1]).abs().max() <= tolerance
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    # the scales matter here: without them the output moves far more than the tolerance
+    set_rope(sdpa, RopeConfig(head_dim=HEAD_DIM, rope_theta=rope.rope_theta))
+    assert (sdpa(ids, positions, None).detach() - outputs[1]).abs().max() > 1000 * tolerance
+
+
+def test_sdpa_attention_packed_batch_is_block_diagonal():
+    """thd: each packed sequence attends only to itself, with E-ABF positions restarting per sequence."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    core = MegaropeCoreAttention(tiny_config(3), layer_number=3, attn_mask_type=AttnMaskType.causal,
+                                 attention_type="self", rope=EABF, inner=SDPAAttention)
+    lengths = [20, 44]
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(sum(lengths), h, HEAD_DIM, generator=gen) for h in (4, 2, 2))
+    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
+    packed = core(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu,
+                                                                   cu_seqlens_kv=cu))
+    alone = [core(*(t[a:b, None] for t in (q, k, v)), None).squeeze(1) for a, b in zip(cu[:-1], cu[1:])]
+    torch.testing.assert_close(packed, torch.cat(alone), rtol=0, atol=1e-6)
+
+
+def test_sdpa_attention_explicit_mask_equals_local():
+    """A given attention_mask (True = masked out) replaces the causal one, as in megatron's local attention."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    config, kwargs = tiny_config(), dict(layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    s, gen = 24, torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(s, 2, h, HEAD_DIM, generator=gen) for h in (4, 2, 2))
+    mask = torch.rand(2, 1, s, s, generator=gen) < 0.3
+    mask &= ~torch.eye(s, dtype=torch.bool)  # every query keeps a key: no all-masked softmax row
+    out = SDPAAttention(config, **kwargs)(q, k, v, mask)
+    torch.testing.assert_close(out, DotProductAttention(config, **kwargs)(q, k, v, mask), rtol=0, atol=1e-5)
+    assert (out - SDPAAttention(config, **kwargs)(q, k, v, None)).abs().max() > 1e-2
 
 
 def test_training_loss_drops():
@@ -255,3 +326,38 @@ def test_from_hf_and_destroy_leave_torch_as_before(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _TORCH_UNTOUCHED, str(tmp_path)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest CPU allocation one op makes while ``fn`` runs (torch's profiler)."""
+    with torch.profiler.profile(profile_memory=True) as prof:
+        fn()
+    return max(e.cpu_memory_usage for e in prof.events())
+
+
+def test_sdpa_attention_never_materialises_the_score_matrix():
+    """Memory linear in length: no op allocates even one head's [s, s] fp32 scores, which megatron's
+    local attention does for all heads (the control that shows the measurement sees it)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    config, kwargs = tiny_config(), dict(layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    s, gen = 2048, torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(s, 1, h, HEAD_DIM, generator=gen) for h in (4, 2, 2))
+    one_head_scores = s * s * 4
+    with torch.no_grad():
+        assert _largest_allocation(lambda: SDPAAttention(config, **kwargs)(q, k, v, None)) < one_head_scores / 4
+        assert _largest_allocation(lambda: DotProductAttention(config, **kwargs)(q, k, v, None)) >= 4 * one_head_scores
+
+
+def test_sdpa_attention_dropout_in_training_only():
+    """attention_dropout acts in training mode only (as megatron's local attention); eval is exact."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    kwargs = dict(layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(32, 2, h, HEAD_DIM, generator=gen) for h in (4, 2, 2))
+    plain = SDPAAttention(tiny_config(), **kwargs)(q, k, v, None)
+    dropped = SDPAAttention(tiny_config(attention_dropout=0.5), **kwargs)
+    torch.testing.assert_close(dropped.eval()(q, k, v, None), plain, rtol=0, atol=0)
+    out = dropped.train()(q, k, v, None)
+    assert torch.isfinite(out).all() and (out - plain).abs().max() > 0.1
