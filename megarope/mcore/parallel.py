@@ -11,8 +11,10 @@ Backend: nccl when CUDA is available, gloo otherwise (with the CPU layer of ``co
 megatron's own training machinery runs on CPU tensors, from ``initialize`` until ``destroy``).
 """
 
+import contextlib
 import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -60,6 +62,21 @@ def _init_process_group(launch: Launch) -> None:
     _created_process_group = True
 
 
+@contextlib.contextmanager
+def _stop_signals_to_main_thread():
+    """Threads started inside (the process groups' communication threads) inherit a signal mask
+    blocking SIGTERM/SIGUSR1, so the kernel delivers those to the main thread, where Python runs
+    the handler. Delivered to a gloo thread instead, the signal interrupts its socket I/O mid-
+    collective, and one rank can finish an all-reduce the other then waits on forever (seen on CPU
+    when a requeue signal reaches every rank at once)."""
+    stop = {signal.SIGTERM, signal.SIGUSR1}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def initialize(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> Launch:
     """Initialise torch.distributed (if needed), megatron's parallel state and all RNGs.
 
@@ -87,13 +104,14 @@ def initialize(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> Launc
                 "call megarope.mcore.parallel.destroy() first"
             )
     else:
-        if not dist.is_initialized():
-            _init_process_group(launch)
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
-            context_parallel_size=cp,
-        )
+        with _stop_signals_to_main_thread():
+            if not dist.is_initialized():
+                _init_process_group(launch)
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                context_parallel_size=cp,
+            )
 
     random.seed(seed)
     np.random.seed(seed)
