@@ -51,6 +51,9 @@ class Method:
     given the checkpoint's raw RoPE parameters (legacy spellings). ``query_scale``: the method
     multiplies queries by a per-position scale (entropy-aware ABF). ``n_hat``: the method keeps
     the first ``n_hat`` positions un-interpolated (LongRoPE); other methods reject ``n_hat``.
+    ``window_field``: the RopeConfig field the method reads as the model's ORIGINAL window. Dynamic
+    NTK reads ``max_position_embeddings`` (as transformers): whoever derives a RopeConfig for a
+    longer target must put the original window there, or scaling never starts below the target.
     """
 
     init: InitFn
@@ -63,6 +66,7 @@ class Method:
     from_hf: HfImportFn | None = None
     query_scale: bool = False
     n_hat: bool = False
+    window_field: str = "original_max_position_embeddings"
 
 
 METHODS: dict[str, Method] = {}
@@ -235,6 +239,7 @@ register(
     required=("factor", "max_position_embeddings"),
     hf_type="dynamic",
     hf_keys=("factor",),
+    window_field="max_position_embeddings",
 )
 register(
     "yarn",

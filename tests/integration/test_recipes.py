@@ -236,9 +236,14 @@ def test_entropy_abf_16k_tiny(base_model, tmp_path):
 def test_baselines_tiny(base_model, tmp_path):
     run_dir = tmp_path / "run"
     run_tiny_recipe("baselines", f"model.path={base_model}", run_dir=run_dir)
-    for method in ("pi", "ntk", "yarn", "abf", "longrope"):
+    for method in ("pi", "ntk", "yarn", "llama3", "abf", "longrope"):
         assert done(run_dir, f"finetune_{method}")["steps"] == 2
         assert math.isfinite(done(run_dir, method)["ppl"]["1024"])
     assert done(run_dir, "pi")["rope"]["factor"] == 8.0
+    # dynamic NTK: training-free, its window the original one (scaling grows past 128 tokens)
+    dynamic = done(run_dir, "dynamic")["rope"]
+    assert dynamic["rope_type"] == "dynamic" and dynamic["max_position_embeddings"] == 128
+    assert dynamic["factor"] == 8.0
+    assert done(run_dir, "dynamic")["ppl"]["1024"] != done(run_dir, "original")["ppl"]["1024"]
     report = (run_dir / "report.md").read_text()
-    assert all(name in report for name in ("pi", "ntk", "yarn", "abf", "longrope"))
+    assert all(name in report for name in ("pi", "ntk", "yarn", "dynamic", "llama3", "abf", "longrope"))
