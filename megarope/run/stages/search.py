@@ -8,11 +8,16 @@ default) searches ``long_factor`` and n̂ at ``target_length``. With ``short: tr
 searches ``short_factor`` at the original window instead, seeding PI/NTK/YaRN at ``short_scale``
 with λ up to ``lambda_max_ratio * short_scale``, and keeps the long factors and n̂ of the stage's
 ``factors`` (or of a LongRoPE model) in the file it writes.
+
+A long search with ``factors`` (an earlier search stage, or a factor file) extends that stage's
+result progressively, as the paper's 2048k step (§3.2): its long factors, scale and n̂ become the
+search's prior (``SearchConfig.prior_*``, seeded as they are and rescaled to the new scale), and
+``search.prior_bound: true`` keeps every λ_i in [λ_prev,i, λ_prev,i · lambda_max_ratio · s/s_prev].
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 from megarope import dist
@@ -23,6 +28,10 @@ from megarope.run.config import ConfigError, StageConfig
 from megarope.run.context import StageContext, StageKind, check_rope
 from megarope.search.distributed import score_distributed
 from megarope.search.evolution import LongRopeSearch, SearchConfig, to_rope_config, write_factor_file
+
+# filled in from the stage's `factors` link, never set by hand
+_PRIOR_FIELDS = ("prior_factors", "prior_scale", "prior_n_hat")
+_DEFAULTS = {f.name: f.default for f in fields(SearchConfig)}
 from megarope.search.plots import plot_search
 
 
@@ -61,6 +70,13 @@ def check(ctx: StageContext) -> None:
         if getattr(s, key) is not None:
             raise ConfigError(f"search.{key}", f"set by the stage ({_where(ctx)}.target_length over the model's "
                               "window), not by hand")
+    for key in _PRIOR_FIELDS:
+        if getattr(s, key) != _DEFAULTS[key]:
+            raise ConfigError(f"search.{key}", f"set from the stage's factors link ({_where(ctx)}.factors: an "
+                              "earlier search stage or factor file), not by hand")
+    if s.prior_bound and (ctx.stage.short or not ctx.stage.factors):
+        raise ConfigError("search.prior_bound", f"bounds a long search by the factors it extends: needs "
+                          f"{_where(ctx)}.factors and no short: true")
     if ctx.stage.short:
         _short_length(ctx)
         if not ctx.stage.factors:
@@ -84,8 +100,14 @@ def _plan(ctx: StageContext) -> tuple[SearchConfig, RopeConfig, int, Callable, d
     scale = stage.target_length / ctx.run.window
     on = start if start.rope_type == "longrope" else start.replace(rope_type="default",
                                                                    max_position_embeddings=ctx.run.window)
-    return (knobs.extending(on, scale), start, stage.target_length,
-            lambda candidate: to_rope_config(candidate, base, scale), {"short": False})
+    settings, extra = knobs.extending(on, scale), {"short": False}
+    if stage.factors:
+        if start.rope_type != "longrope":
+            raise ConfigError(f"{_where(ctx)}.factors", f"a search extends LongRoPE factors, got {start.rope_type!r}")
+        settings = replace(settings, prior_factors=start.long_factor, prior_scale=start.scale,
+                           prior_n_hat=start.n_hat)
+        extra["prior"] = {"factors": stage.factors, "scale": start.scale, "bound": settings.prior_bound}
+    return (settings, start, stage.target_length, lambda candidate: to_rope_config(candidate, base, scale), extra)
 
 
 def run(ctx: StageContext) -> dict:
@@ -93,9 +115,13 @@ def run(ctx: StageContext) -> dict:
     and the plots."""
     settings, start, length, rope_of, extra = _plan(ctx)
     engine = ctx.engine(start)
-    rows = eval_documents(load_documents(ctx.cfg.data, "eval"), ctx.tokenizer, length + 1, settings.num_docs,
-                          ctx.cfg.data.text_key)
+    # held-out documents of the "fitness" split, in an order drawn with the search's seed (the
+    # paper's random validation documents); evaluations read the disjoint "eval" split
+    docs = load_documents(ctx.cfg.data, "fitness").shuffle(seed=settings.seed)
+    used: list = []
+    rows = eval_documents(docs, ctx.tokenizer, length + 1, settings.num_docs, ctx.cfg.data.text_key, used)
     samples = [lm_sample(row) for row in rows]
+    extra["fitness_docs"], extra["fitness_seed"] = used, settings.seed
 
     def score_one(candidate):
         engine.set_rope(rope_of(candidate))
@@ -104,7 +130,8 @@ def run(ctx: StageContext) -> dict:
     def record(result):
         last = result.history[-1]
         ctx.metrics.write({"stage": "search", "run_stage": ctx.stage.name, "generation": last["generation"],
-                           "best_ppl": last["best_ppl"], "mean_ppl": last["mean_ppl"], "length": length})
+                           "best_ppl": last["best_ppl"], "mean_ppl": last["mean_ppl"], "length": length,
+                           "split": "fitness", "fitness_docs": used, "fitness_seed": settings.seed})
 
     # candidates spread over the data-parallel replicas, each scoring on all documents
     search = LongRopeSearch(settings, lambda candidates: score_distributed(candidates, score_one, engine.dp_group),
