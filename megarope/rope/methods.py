@@ -174,12 +174,12 @@ def longrope_attention_factor(scale: float, window: int) -> float:
 
 def _longrope(rc: RopeConfig, seq_len: int | None) -> tuple[torch.Tensor, float]:
     """LongRoPE (arXiv 2402.13753): inv_freq_i = base^(-2i/d) / lambda_i with ``long_factor`` when
-    ``seq_len`` > ``original_max_position_embeddings``, else ``short_factor`` (as transformers).
+    ``seq_len`` > ``original_max_position_embeddings``, else ``short_factor`` (as transformers), or
+    the per-length short set ``RopeConfig.length_sets`` holding ``seq_len`` (``RopeConfig.factor_set``).
     Attention factor: ``attention_factor`` or sqrt(1 + ln s / ln L) with s = ``factor`` or
     max_position/original. ``n_hat`` (first positions kept un-interpolated) acts on angles, not
     here: see ``RopeConfig.angles``."""
-    long = seq_len is not None and seq_len > rc.original_max_position_embeddings
-    factors = torch.tensor(rc.long_factor if long else rc.short_factor, dtype=torch.float64)
+    factors = torch.tensor(rc.factor_set(seq_len)[0], dtype=torch.float64)
     attention = rc.attention_factor_override
     if attention is None:
         attention = longrope_attention_factor(rc.scale, rc.original_max_position_embeddings)
