@@ -198,7 +198,7 @@ def longrope_2048k(base_model, tmp_path_factory) -> Path:
 
 def test_longrope_2048k_tiny(longrope_2048k):
     run_dir = longrope_2048k
-    for stage, length in [("search_ft1", 256), ("search_ft2", 512), ("search_final", 1024), ("search_short", 128)]:
+    for stage, length in [("search_ft1", 256), ("search_ft2", 512), ("search_final", 1024)]:
         assert done(run_dir, stage)["length"] == length
         assert (run_dir / "stages" / stage / "plots/search_factors.png").is_file()
     assert done(run_dir, "finetune_ft1")["steps"] == 2 and done(run_dir, "finetune_ft2")["steps"] == 2
@@ -207,11 +207,37 @@ def test_longrope_2048k_tiny(longrope_2048k):
     final = json.loads((run_dir / "stages/search_final/factors.json").read_text())["rope_parameters"]
     short = json.loads((run_dir / "stages/search_short/factors.json").read_text())
     assert short["rope_parameters"]["long_factor"] == final["long_factor"]
-    assert max(short["rope_parameters"]["short_factor"]) <= 2.5  # lambda_max_ratio 1.25 x short_scale 2
     assert short["megarope_search"]["short"] is True
     config = json.loads((run_dir / "stages/export/model/config.json").read_text())
     assert config["rope_parameters"]["short_factor"] == short["rope_parameters"]["short_factor"]
     assert config["max_position_embeddings"] == 1024
+
+
+def test_longrope_2048k_short_re_search_gives_one_set_per_length_and_the_export_switches(longrope_2048k):
+    """Paper §3.3: short sets re-searched at the original window and at 2x (n-hat searched, lambda up
+    to the long set's largest); the exported model picks the set by input length."""
+    from megarope import RopeConfig
+
+    run_dir = longrope_2048k
+    search = done(run_dir, "search_short")
+    assert [s["length"] for s in search["sets"]] == [128, 256] and search["lengths"] == [128, 256]
+    for length in (128, 256):
+        assert (run_dir / f"stages/search_short/search_state_{length}.json").is_file()
+        assert (run_dir / f"stages/search_short/plots/{length}/search_factors.png").is_file()
+    final = json.loads((run_dir / "stages/search_final/factors.json").read_text())["rope_parameters"]
+    config = json.loads((run_dir / "stages/export/model/config.json").read_text())
+    rope = RopeConfig.from_hf(config)
+    at_window, at_twice = search["sets"]
+    assert [entry[0] for entry in rope.length_sets] == [128, 256]
+    # transformers' one short set is the original window's; the 2x set rides under the megarope key
+    assert config["rope_parameters"]["short_factor"] == at_window["factors"]
+    assert rope.factor_set(100) == (tuple(at_window["factors"]), at_window["n_hat"])
+    assert rope.factor_set(200) == (tuple(at_twice["factors"]), at_twice["n_hat"])
+    assert rope.factor_set(1024) == (tuple(final["long_factor"]), rope.n_hat)
+    assert all(max(s["factors"]) <= max(final["long_factor"]) for s in search["sets"])
+    state = json.loads((run_dir / "stages/search_short/search_state_128.json").read_text())
+    assert state["config"]["prior_factors"] == final["long_factor"]  # seeded from the long factors
+    assert len(state["config"]["n_hat_candidates"]) > 1  # n-hat searched
 
 
 def test_longrope_2048k_final_search_starts_from_the_fine_tuned_factors(longrope_2048k):
