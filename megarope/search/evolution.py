@@ -215,14 +215,16 @@ class SearchConfig:
         """Settings ``overrides`` for extending the model whose RoPE is ``base_rc`` by ``scale``."""
         return cls(**overrides).extending(base_rc, scale)
 
-    def extending(self, base_rc: RopeConfig, scale: float) -> SearchConfig:
-        """These settings with the model's side set: extending ``base_rc`` by ``scale``."""
+    def extending(self, base_rc: RopeConfig, scale: float, **changes: Any) -> SearchConfig:
+        """These settings with the model's side set: extending ``base_rc`` by ``scale``; ``changes``
+        (e.g. the prior) are made in the same step, validated together."""
         return dataclasses.replace(
             self,
             scale=scale,
             original_max_position_embeddings=_original_window(base_rc),
             rotary_dim=base_rc.rotary_dim,
             rope_theta=base_rc.rope_theta,
+            **changes,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ The file it writes holds them as ``length_sets`` (the set of the original window
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Callable, List, Optional
 
 from megarope import dist
@@ -139,8 +139,9 @@ def _short_plan(ctx: StageContext) -> tuple[list[_Search], RopeConfig, Callable,
     ceiling = stage.short_lambda_max if stage.short_lambda_max is not None else max(long_rc.long_factor)
     searches = []
     for length in lengths:
-        settings = replace(knobs.extending(long_rc, stage.short_scale * length / window), lambda_max=ceiling,
-                           prior_factors=long_rc.long_factor, prior_scale=long_rc.scale, prior_n_hat=long_rc.n_hat)
+        settings = knobs.extending(long_rc, stage.short_scale * length / window, lambda_max=ceiling,
+                                   prior_factors=long_rc.long_factor, prior_scale=long_rc.scale,
+                                   prior_n_hat=long_rc.n_hat)
         searches.append(_Search(
             settings, length,
             # scored alone: an input of `length` tokens picks this set
@@ -162,13 +163,13 @@ def _long_plan(ctx: StageContext) -> tuple[list[_Search], RopeConfig, Callable, 
     scale = stage.target_length / ctx.run.window
     on = start if start.rope_type == "longrope" else start.replace(rope_type="default",
                                                                    max_position_embeddings=ctx.run.window)
-    settings, extra = knobs.extending(on, scale), {"short": False}
+    prior, extra = {}, {"short": False}
     if stage.factors:
         if start.rope_type != "longrope":
             raise ConfigError(f"{_where(ctx)}.factors", f"a search extends LongRoPE factors, got {start.rope_type!r}")
-        settings = replace(settings, prior_factors=start.long_factor, prior_scale=start.scale,
-                           prior_n_hat=start.n_hat)
-        extra["prior"] = {"factors": stage.factors, "scale": start.scale, "bound": settings.prior_bound}
+        prior = {"prior_factors": start.long_factor, "prior_scale": start.scale, "prior_n_hat": start.n_hat}
+        extra["prior"] = {"factors": stage.factors, "scale": start.scale, "bound": knobs.prior_bound}
+    settings = knobs.extending(on, scale, **prior)
 
     def rope_of(candidate: Candidate) -> RopeConfig:
         return to_rope_config(candidate, base, scale)
