@@ -59,6 +59,11 @@ class RopeConfig:
     layers keep an unscaled query). ``attention_factor_override`` is transformers'
     ``attention_factor`` key (the name ``attention_factor`` is the method computing the value).
 
+    ``n_hat_attention_factor``: whether LongRoPE's first n̂ positions carry the attention factor
+    too (True, megarope's default: the paper keeps only their rotation original, and transformers
+    applies the factor everywhere) or keep the original, unscaled cos/sin (False: the reference
+    code's ``LongRoPEScaledRotaryEmbedding``).
+
     LongRoPE short-context sets: ``short_n_hat`` is n̂ for inputs within the original window (None:
     ``n_hat``); ``length_sets`` are ``(max_length, n_hat, factors)`` re-searched per length (paper
     §3.3): an input of length L uses the first set with L <= max_length (ascending), the long set
@@ -84,6 +89,7 @@ class RopeConfig:
     short_factor: tuple[float, ...] | None = None
     n_hat: int = 0
     unscaled_layers: int = 2
+    n_hat_attention_factor: bool = True
     short_n_hat: int | None = None
     length_sets: tuple[tuple[int, int, tuple[float, ...]], ...] | None = None
 
@@ -147,10 +153,11 @@ class RopeConfig:
             self.method.validate(self)
 
     def _validate_length_sets(self) -> None:
-        if self.short_n_hat is None and self.length_sets is None:
+        if self.short_n_hat is None and self.length_sets is None and self.n_hat_attention_factor:
             return
         if not self.method.n_hat:
-            field = "short_n_hat" if self.short_n_hat is not None else "length_sets"
+            field = "short_n_hat" if self.short_n_hat is not None else \
+                "length_sets" if self.length_sets is not None else "n_hat_attention_factor"
             raise RopeConfigError(field, f"LongRoPE short-context sets; rope_type is {self.rope_type!r}")
         if self.short_n_hat is not None:
             _check_int(self.short_n_hat, "short_n_hat", minimum=0)
@@ -209,6 +216,16 @@ class RopeConfig:
         n_hat = self.factor_set(seq_len)[1] if self.method.n_hat else 0
         unscaled = base_inv_freq(self.rope_theta, self.rotary_dim) if n_hat else None
         return reduced_angles(positions, self.inv_freq(seq_len), unscaled_inv_freq=unscaled, n_hat=n_hat)
+
+    def position_attention_factor(self, positions: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+        """float64 [n]: the attention factor the cos/sin of each position carry: ``attention_factor``
+        everywhere, or 1 at the first n̂ positions with ``n_hat_attention_factor`` False."""
+        positions = positions.reshape(-1)
+        out = torch.full((positions.numel(),), self.attention_factor(seq_len), dtype=torch.float64,
+                         device=positions.device)
+        if self.method.n_hat and not self.n_hat_attention_factor:
+            out[positions < self.factor_set(seq_len)[1]] = 1.0
+        return out
 
     def query_scale(self, positions: torch.Tensor, layer_number: int) -> torch.Tensor:
         """float32 [n] query multiplier; ``layer_number`` is 1-based as in megatron. Ones unless

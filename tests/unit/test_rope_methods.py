@@ -419,6 +419,7 @@ def test_longrope_length_sets_switch_by_length_and_round_trip_through_the_export
     ({"length_sets": ((256, 0, (1.0,) * 8), (128, 0, (1.0,) * 8))}, "length_sets"),
     ({"length_sets": ((128, 0, (1.0,) * 7),)}, "length_sets"),
     ({"rope_type": "linear", "factor": 2.0, "short_n_hat": 0}, "short_n_hat"),
+    ({"rope_type": "linear", "factor": 2.0, "n_hat_attention_factor": False}, "n_hat_attention_factor"),
 ])
 def test_bad_length_sets_fail_naming_the_field(changes, field):
     values = dict(rope_type="longrope", head_dim=16, original_max_position_embeddings=128, factor=8.0,
