@@ -30,7 +30,10 @@ class DataConfig:
     cache_dir: Optional[str] = None  # None: $XDG_CACHE_HOME/megarope or ~/.cache/megarope
     seed: int = 1234
     reset_position_ids: bool = False  # packed lm only: positions restart per document, cu_seqlens given
-    eval_fraction: float = 0.1  # share of documents, chosen by hash, in the "eval" split
+    eval_fraction: float = 0.1  # share of documents, chosen by hash, held out from training
+    # share of the held-out documents (by hash) in the "fitness" split the LongRoPE search scores on;
+    # the rest is the "eval" split, so a searched result is measured on documents it was not chosen on
+    fitness_fraction: float = 0.5
 
 
 def check_config(cfg: DataConfig) -> None:
@@ -47,6 +50,8 @@ def check_config(cfg: DataConfig) -> None:
         raise DataError("data.num_samples", f"expected a positive integer or None, got {cfg.num_samples!r}")
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise DataError("data.eval_fraction", f"expected a value in [0, 1), got {cfg.eval_fraction!r}")
+    if not 0.0 < cfg.fitness_fraction < 1.0:
+        raise DataError("data.fitness_fraction", f"expected a value in (0, 1), got {cfg.fitness_fraction!r}")
     if cfg.reset_position_ids and (cfg.kind, cfg.mode) != ("lm", "packed"):
         raise DataError("data.reset_position_ids", "True applies to kind='lm', mode='packed' only "
                         f"(got kind={cfg.kind!r}, mode={cfg.mode!r}): other samples hold one document each")

@@ -25,20 +25,31 @@ from megarope.data.tokenizer import Tokenizer, load_tokenizer
 
 def _token_docs(ds, column: str, tok: Tokenizer, min_tokens: int) -> Iterator[np.ndarray]:
     """BOS + text + EOS per document (no BOS where the tokenizer has none), shorter ones skipped."""
+    for _, ids in _indexed_token_docs(ds, column, tok, min_tokens):
+        yield ids
+
+
+def _indexed_token_docs(ds, column: str, tok: Tokenizer, min_tokens: int) -> Iterator[tuple[int, np.ndarray]]:
     bos = [tok.bos_id] if tok.bos_id is not None else []
+    index = 0
     for batch in ds.iter(batch_size=64):
         for text in batch[column]:
             ids = bos + tok.encode(text) + [tok.eos_id]
             if len(ids) >= min_tokens:
-                yield np.asarray(ids, dtype=np.int32)
+                yield index, np.asarray(ids, dtype=np.int32)
+            index += 1
 
 
-def eval_documents(dataset, tokenizer: Tokenizer, length: int, num_docs: Optional[int], text_key: str = "text"):
+def eval_documents(dataset, tokenizer: Tokenizer, length: int, num_docs: Optional[int], text_key: str = "text",
+                   used: Optional[list] = None):
     """``[num_docs, length]`` int64: the first ``length`` tokens (from BOS) of each document that has
-    at least that many, in dataset order; shorter ones are skipped. ``num_docs=None`` takes all."""
+    at least that many, in dataset order; shorter ones are skipped. ``num_docs=None`` takes all.
+    ``used`` (a list) receives the taken documents' ids (:func:`document_id`), for the record."""
     docs = []
-    for ids in _token_docs(dataset, text_key, tokenizer, length):
+    for index, ids in _indexed_token_docs(dataset, text_key, tokenizer, length):
         docs.append(torch.from_numpy(ids[:length]).long())
+        if used is not None:
+            used.append(document_id(dataset, index))
         if num_docs is not None and len(docs) == num_docs:
             break
     if not docs or (num_docs is not None and len(docs) < num_docs):
@@ -46,6 +57,11 @@ def eval_documents(dataset, tokenizer: Tokenizer, length: int, num_docs: Optiona
         raise DataError("data.source", f"only {len(docs)} documents have at least length={length} tokens "
                         f"{wanted}; lower the length or use longer documents")
     return torch.stack(docs)
+
+
+def document_id(dataset, index: int):
+    """A document's ``path`` where the source has one (the built-in corpus does), else its row in ``dataset``."""
+    return dataset[index]["path"] if "path" in dataset.column_names else index
 
 
 class PackedSamples(torch.utils.data.Dataset):

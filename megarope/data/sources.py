@@ -1,7 +1,7 @@
 """Where documents come from, through Hugging Face ``datasets``: ``DataConfig.source`` is
 ``"builtin"`` (the Python standard library's own ``.py`` files, no download), a local file or
 folder (``text``, ``json`` or ``parquet`` builder by suffix; ``.txt`` files are one document each),
-or the name of a hub dataset already in the HF cache (offline). The train/eval split is by hash.
+or the name of a hub dataset already in the HF cache (offline). The train/fitness/eval split is by hash.
 """
 
 from __future__ import annotations
@@ -118,29 +118,38 @@ def content_column(ds, cfg: DataConfig) -> str:
     )
 
 
-def _in_eval(key: Any, fraction: float) -> bool:
-    """Stable across processes and Python versions, unlike ``hash()``."""
+SPLITS = ("train", "eval", "fitness", "all")
+
+
+def _split_of(key: Any, cfg: DataConfig) -> str:
+    """"fitness" for the first ``fitness_fraction`` of the held-out hash range, "eval" for the rest
+    of it, "train" past it. Stable across processes and Python versions, unlike ``hash()``."""
     text = key if isinstance(key, str) else json.dumps(key, sort_keys=True)
-    h = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
-    return h < fraction * 2**64
+    h = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2**64
+    if h >= cfg.eval_fraction:
+        return "train"
+    return "fitness" if h < cfg.eval_fraction * cfg.fitness_fraction else "eval"
+
 
 
 def load_documents(cfg: DataConfig, split: str = "train"):
-    """The ``datasets.Dataset`` of documents (or conversations) of ``split``: "train", "eval" or "all".
+    """The ``datasets.Dataset`` of documents (or conversations) of ``split``: "train", "eval",
+    "fitness" or "all".
 
-    A document is in "eval" when the hash of its ``path`` column (if any, else its content) falls in
-    the first ``eval_fraction`` of the hash range, so the split never depends on order or sharding.
+    A document is held out when the hash of its ``path`` column (if any, else its content) falls in
+    the first ``eval_fraction`` of the hash range, so the split never depends on order or sharding;
+    the first ``fitness_fraction`` of that part is "fitness" (the LongRoPE search's documents), the
+    rest "eval" (every evaluation's).
     """
     check_config(cfg)
-    if split not in ("train", "eval", "all"):
-        raise ValueError(f"split={split!r}: expected 'train', 'eval' or 'all'")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {SPLITS}")
     ds = _load_raw(cfg)
     content = content_column(ds, cfg)
     if split == "all":
         return ds
     key = "path" if "path" in ds.column_names else content
-    want_eval, fraction = split == "eval", cfg.eval_fraction
-    ds = ds.filter(lambda keys: [_in_eval(k, fraction) == want_eval for k in keys], input_columns=[key], batched=True)
+    ds = ds.filter(lambda keys: [_split_of(k, cfg) == split for k in keys], input_columns=[key], batched=True)
     if len(ds) == 0:
         raise DataError("data.eval_fraction",
                         f"{cfg.eval_fraction}: the {split!r} split of data.source={cfg.source!r} is empty")

@@ -290,6 +290,8 @@ def _measured(evals: list[dict], passkeys: list[dict], train: list[dict], search
             text += f", over {_spread(r['num_docs'] for r in evals if 'num_docs' in r)} documents per length"
         if any("tokens" in r for r in evals):
             text += f" ({_spread(r['tokens'] for r in evals if 'tokens' in r)} scored tokens per measurement)"
+        if any("split" in r for r in evals):
+            text += f" of the held-out {' and '.join(sorted({r['split'] for r in evals if 'split' in r}))} split"
         if any("dataset" in r for r in evals):
             text += f", from {', '.join(sorted({str(r['dataset']) for r in evals if 'dataset' in r}))}"
         if any("step" in r for r in evals):
@@ -314,7 +316,14 @@ def _measured(evals: list[dict], passkeys: list[dict], train: list[dict], search
         stages = list(dict.fromkeys(r["stage"] for r in train))
         parts.append(f"Training: {len(train)} logged steps in {len(stages)} stage(s) ({', '.join(stages)}).")
     if search:
-        parts.append(f"Search: {len(search)} generations logged.")
+        text = f"Search: {len(search)} generations logged"
+        fitness = [r for r in search if "fitness_docs" in r]
+        if fitness:
+            docs = _spread(len(r["fitness_docs"]) for r in fitness)
+            seeds = ", ".join(str(s) for s in sorted({r["fitness_seed"] for r in fitness}))
+            text += (f"; fitness: perplexity on {docs} documents of the held-out fitness split (drawn with "
+                     f"search seed {seeds}), disjoint from the eval split the tables measure on")
+        parts.append(text + ".")
     return " ".join(parts)
 
 

@@ -7,7 +7,8 @@ query/key/value after megatron applied the rotary embedding, multiplies the quer
   parallel chunk permutation and per-sequence resets of packed batches are followed), and
 - the square of the RoPE attention factor on the rotary dims (transformers multiplies cos and
   sin by it, which scales q.k on those dims by its square; megatron passes ``mscale`` only for
-  YaRN configs),
+  YaRN configs), or, when LongRoPE's first n̂ positions keep the unscaled cos/sin
+  (``RopeConfig.n_hat_attention_factor`` False), a(i)·a on the query and a(j)/a on the key,
 
 then calls the wrapped core attention: Transformer Engine's ``TEDotProductAttention`` when the
 spec has it (fast kernels and TE's context parallelism are kept), otherwise ``SDPAAttention``
@@ -132,7 +133,7 @@ class MegaropeCoreAttention(RopeStateMixin, MegatronModule):
 
     def set_rope(self, rope: RopeConfig) -> None:
         self.rope = rope
-        self._multipliers: dict[tuple, torch.Tensor | None] = {}
+        self._multipliers: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
     def _cp(self) -> tuple[int, int]:
         if self.cp_group is None:
@@ -143,30 +144,43 @@ class MegaropeCoreAttention(RopeStateMixin, MegatronModule):
             return 1, 0
         return self.cp_group.size(), self.cp_group.rank()
 
-    def query_multiplier(self, num_tokens: int, head_dim: int, cu_seqlens_padded=None) -> torch.Tensor | None:
-        """[tokens, head_dim] float32 multiplier of the local query tokens, or None for identity."""
+    def multipliers(self, num_tokens: int, head_dim: int,
+                    cu_seqlens_padded=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """[tokens, head_dim] float32 multipliers of the local query and key tokens (None: identity).
+
+        The attention factor a on cos/sin multiplies the rotary part of a logit by a(i)·a(j): a
+        constant a is a² on the query alone; a per-position one (``n_hat_attention_factor`` False)
+        is a(i)·a on the query and a(j)/a on the key (1 past n̂, so only the first keys change)."""
         cp_size, cp_rank = self._cp()
         key = (num_tokens, head_dim, cp_size, cp_rank,
                None if cu_seqlens_padded is None else tuple(cu_seqlens_padded.tolist()))
         if key in self._multipliers:
             return self._multipliers[key]
-        factor_sq = self.rope.attention_factor() ** 2
-        scaled_layer = self.rope.has_query_scale and self.layer_number > self.rope.unscaled_layers
-        if factor_sq == 1.0 and not scaled_layer:
-            multiplier = None
-        else:
-            per_dim = torch.ones(head_dim, dtype=torch.float64)
-            per_dim[: self.rope.rotary_dim] = factor_sq
-            if scaled_layer:
-                positions = global_positions(num_tokens * cp_size, cp_size, cp_rank, cu_seqlens_padded)
-                per_pos = self.rope.query_scale(positions, self.layer_number).double()
+        rope, factor = self.rope, self.rope.attention_factor()
+        scaled_layer = rope.has_query_scale and self.layer_number > rope.unscaled_layers
+        per_position = factor != 1.0 and rope.method.n_hat and not rope.n_hat_attention_factor
+        q_mult = k_mult = None
+        if factor != 1.0 or scaled_layer:
+            positions = global_positions(num_tokens * cp_size, cp_size, cp_rank, cu_seqlens_padded)
+            rot = rope.rotary_dim
+            if per_position:
+                a = rope.position_attention_factor(positions, seq_len=num_tokens * cp_size)
+                q_rot, k_rot = a * factor, a / factor
             else:
-                per_pos = torch.ones(num_tokens, dtype=torch.float64)
-            multiplier = (per_pos[:, None] * per_dim[None, :]).float().to(compute_device())
+                q_rot, k_rot = torch.full((num_tokens,), factor**2, dtype=torch.float64), None
+            q = torch.ones(num_tokens, head_dim, dtype=torch.float64)
+            q[:, :rot] = q_rot[:, None]
+            if scaled_layer:
+                q *= rope.query_scale(positions, self.layer_number).double()[:, None]
+            q_mult = q.float().to(compute_device())
+            if k_rot is not None:
+                k = torch.ones(num_tokens, head_dim, dtype=torch.float64)
+                k[:, :rot] = k_rot[:, None]
+                k_mult = k.float().to(compute_device())
         if len(self._multipliers) > 8:
             self._multipliers.clear()
-        self._multipliers[key] = multiplier
-        return multiplier
+        self._multipliers[key] = (q_mult, k_mult)
+        return q_mult, k_mult
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -176,10 +190,12 @@ class MegaropeCoreAttention(RopeStateMixin, MegatronModule):
             cu = packed_seq_params.cu_seqlens_q_padded
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
-        multiplier = self.query_multiplier(query.shape[0], query.shape[-1], cu)
-        if multiplier is not None:
-            shape = (query.shape[0], 1, query.shape[-1]) if thd else (query.shape[0], 1, 1, query.shape[-1])
-            query = query * multiplier.view(shape).to(device=query.device, dtype=query.dtype)
+        q_mult, k_mult = self.multipliers(query.shape[0], query.shape[-1], cu)
+        shape = (query.shape[0], 1, query.shape[-1]) if thd else (query.shape[0], 1, 1, query.shape[-1])
+        if q_mult is not None:
+            query = query * q_mult.view(shape).to(device=query.device, dtype=query.dtype)
+        if k_mult is not None:
+            key = key * k_mult.view(shape).to(device=key.device, dtype=key.dtype)
         inner = self.packed if thd and self.packed is not None else self.inner
         return inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                      attention_bias=attention_bias, packed_seq_params=packed_seq_params)

@@ -9,6 +9,9 @@ Entropy-ABF checkpoints' ``{"type": "eabf", "factor": 4}`` (whose released code 
 Export writes the transformers keys that give the same frequencies in vanilla transformers. What
 transformers cannot express (ntk, abf, eabf, LongRoPE's n-hat) goes, in addition, under the
 top-level ``megarope`` key so that ``from_hf(to_hf())`` round-trips; ``from_hf`` prefers it.
+LongRoPE's per-length short sets (``length_sets``, the paper's 4k and 8k re-searches) are such a
+part: transformers' ``longrope`` has one short set, so the export's ``short_factor`` is the set of
+the original window and the others live under ``megarope`` only.
 Entropy-aware ABF's query scale has no transformers equivalent: vanilla transformers loading the
 export gets the right base but not the per-position query scale.
 """
@@ -55,6 +58,16 @@ class RopeConfig:
     un-interpolated first positions) and ``unscaled_layers`` (entropy-aware ABF: how many first
     layers keep an unscaled query). ``attention_factor_override`` is transformers'
     ``attention_factor`` key (the name ``attention_factor`` is the method computing the value).
+
+    ``n_hat_attention_factor``: whether LongRoPE's first n̂ positions carry the attention factor
+    too (True, megarope's default: the paper keeps only their rotation original, and transformers
+    applies the factor everywhere) or keep the original, unscaled cos/sin (False: the reference
+    code's ``LongRoPEScaledRotaryEmbedding``).
+
+    LongRoPE short-context sets: ``short_n_hat`` is n̂ for inputs within the original window (None:
+    ``n_hat``); ``length_sets`` are ``(max_length, n_hat, factors)`` re-searched per length (paper
+    §3.3): an input of length L uses the first set with L <= max_length (ascending), the long set
+    past them all (:meth:`factor_set`).
     """
 
     rope_type: str = "default"
@@ -76,12 +89,22 @@ class RopeConfig:
     short_factor: tuple[float, ...] | None = None
     n_hat: int = 0
     unscaled_layers: int = 2
+    n_hat_attention_factor: bool = True
+    short_n_hat: int | None = None
+    length_sets: tuple[tuple[int, int, tuple[float, ...]], ...] | None = None
 
     def __post_init__(self):
         for name in ("long_factor", "short_factor"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(float(v) for v in value))
+        if self.length_sets is not None:  # JSON and YAML give lists
+            sets = []
+            for entry in self.length_sets:
+                if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+                    raise RopeConfigError("length_sets", f"entries are [max_length, n_hat, factors], got {entry!r}")
+                sets.append((entry[0], entry[1], tuple(float(v) for v in entry[2])))
+            object.__setattr__(self, "length_sets", tuple(sets))
         self._validate()
         if self.method.canonical is not None:
             for name, value in self.method.canonical(self).items():
@@ -125,10 +148,41 @@ class RopeConfig:
             users = " or ".join(repr(name) for name, method in METHODS.items() if method.n_hat)
             raise RopeConfigError("n_hat", f"only used by rope_type {users}, got {self.rope_type!r}")
         _check_int(self.unscaled_layers, "unscaled_layers", minimum=0)
+        self._validate_length_sets()
         if self.method.validate is not None:
             self.method.validate(self)
 
+    def _validate_length_sets(self) -> None:
+        if self.short_n_hat is None and self.length_sets is None and self.n_hat_attention_factor:
+            return
+        if not self.method.n_hat:
+            field = "short_n_hat" if self.short_n_hat is not None else \
+                "length_sets" if self.length_sets is not None else "n_hat_attention_factor"
+            raise RopeConfigError(field, f"LongRoPE short-context sets; rope_type is {self.rope_type!r}")
+        if self.short_n_hat is not None:
+            _check_int(self.short_n_hat, "short_n_hat", minimum=0)
+        lengths = []
+        for max_length, n_hat, factors in self.length_sets or ():
+            _check_int(max_length, "length_sets", minimum=1)
+            _check_int(n_hat, "length_sets", minimum=0)
+            if len(factors) != self.rotary_dim // 2 or not all(v > 0 for v in factors):
+                raise RopeConfigError("length_sets", f"each set needs rotary_dim/2 = {self.rotary_dim // 2} "
+                                      "positive factors")
+            lengths.append(max_length)
+        if lengths != sorted(set(lengths)):
+            raise RopeConfigError("length_sets", f"max lengths must be distinct and ascending, got {lengths}")
+
     # ----------------------------------------------------------------------------- derived values
+    def factor_set(self, seq_len: int | None) -> tuple[tuple[float, ...], int]:
+        """LongRoPE's (factors, n̂) for an input of ``seq_len`` tokens: the first length set that
+        holds it, else the long set past the original window (as transformers), else the short set."""
+        for max_length, n_hat, factors in self.length_sets or ():
+            if seq_len is not None and seq_len <= max_length:
+                return factors, n_hat
+        if seq_len is not None and seq_len > self.original_max_position_embeddings:
+            return self.long_factor, self.n_hat
+        return self.short_factor, self.n_hat if self.short_n_hat is None else self.short_n_hat
+
     @property
     def method(self) -> Method:
         """The registry record of ``rope_type``."""
@@ -159,8 +213,19 @@ class RopeConfig:
         (context parallelism)."""
         if seq_len is None:
             seq_len = int(positions.max()) + 1 if positions.numel() else 0
-        unscaled = base_inv_freq(self.rope_theta, self.rotary_dim) if self.n_hat else None
-        return reduced_angles(positions, self.inv_freq(seq_len), unscaled_inv_freq=unscaled, n_hat=self.n_hat)
+        n_hat = self.factor_set(seq_len)[1] if self.method.n_hat else 0
+        unscaled = base_inv_freq(self.rope_theta, self.rotary_dim) if n_hat else None
+        return reduced_angles(positions, self.inv_freq(seq_len), unscaled_inv_freq=unscaled, n_hat=n_hat)
+
+    def position_attention_factor(self, positions: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+        """float64 [n]: the attention factor the cos/sin of each position carry: ``attention_factor``
+        everywhere, or 1 at the first n̂ positions with ``n_hat_attention_factor`` False."""
+        positions = positions.reshape(-1)
+        out = torch.full((positions.numel(),), self.attention_factor(seq_len), dtype=torch.float64,
+                         device=positions.device)
+        if self.method.n_hat and not self.n_hat_attention_factor:
+            out[positions < self.factor_set(seq_len)[1]] = 1.0
+        return out
 
     def query_scale(self, positions: torch.Tensor, layer_number: int) -> torch.Tensor:
         """float32 [n] query multiplier; ``layer_number`` is 1-based as in megatron. Ones unless
@@ -183,6 +248,8 @@ class RopeConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value != f.default or f.name in ("rope_type", "head_dim", "rope_theta"):
+                if f.name == "length_sets":
+                    value = [[length, n_hat, list(factors)] for length, n_hat, factors in value]
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -261,7 +328,7 @@ class RopeConfig:
 
     def describe(self) -> str:
         """One line for logs and tables."""
-        keys = {k: v for k, v in self.to_dict().items() if k not in ("long_factor", "short_factor")}
+        keys = {k: v for k, v in self.to_dict().items() if k not in ("long_factor", "short_factor", "length_sets")}
         return ", ".join(f"{k}={v}" for k, v in keys.items())
 
 

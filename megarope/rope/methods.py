@@ -51,6 +51,9 @@ class Method:
     given the checkpoint's raw RoPE parameters (legacy spellings). ``query_scale``: the method
     multiplies queries by a per-position scale (entropy-aware ABF). ``n_hat``: the method keeps
     the first ``n_hat`` positions un-interpolated (LongRoPE); other methods reject ``n_hat``.
+    ``window_field``: the RopeConfig field the method reads as the model's ORIGINAL window. Dynamic
+    NTK reads ``max_position_embeddings`` (as transformers): whoever derives a RopeConfig for a
+    longer target must put the original window there, or scaling never starts below the target.
     """
 
     init: InitFn
@@ -63,6 +66,7 @@ class Method:
     from_hf: HfImportFn | None = None
     query_scale: bool = False
     n_hat: bool = False
+    window_field: str = "original_max_position_embeddings"
 
 
 METHODS: dict[str, Method] = {}
@@ -170,12 +174,12 @@ def longrope_attention_factor(scale: float, window: int) -> float:
 
 def _longrope(rc: RopeConfig, seq_len: int | None) -> tuple[torch.Tensor, float]:
     """LongRoPE (arXiv 2402.13753): inv_freq_i = base^(-2i/d) / lambda_i with ``long_factor`` when
-    ``seq_len`` > ``original_max_position_embeddings``, else ``short_factor`` (as transformers).
+    ``seq_len`` > ``original_max_position_embeddings``, else ``short_factor`` (as transformers), or
+    the per-length short set ``RopeConfig.length_sets`` holding ``seq_len`` (``RopeConfig.factor_set``).
     Attention factor: ``attention_factor`` or sqrt(1 + ln s / ln L) with s = ``factor`` or
     max_position/original. ``n_hat`` (first positions kept un-interpolated) acts on angles, not
     here: see ``RopeConfig.angles``."""
-    long = seq_len is not None and seq_len > rc.original_max_position_embeddings
-    factors = torch.tensor(rc.long_factor if long else rc.short_factor, dtype=torch.float64)
+    factors = torch.tensor(rc.factor_set(seq_len)[0], dtype=torch.float64)
     attention = rc.attention_factor_override
     if attention is None:
         attention = longrope_attention_factor(rc.scale, rc.original_max_position_embeddings)
@@ -235,6 +239,7 @@ register(
     required=("factor", "max_position_embeddings"),
     hf_type="dynamic",
     hf_keys=("factor",),
+    window_field="max_position_embeddings",
 )
 register(
     "yarn",

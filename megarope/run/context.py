@@ -109,7 +109,8 @@ class StageContext:
     @cached_property
     def rope(self) -> RopeConfig:
         """The stage's RoPE: a factor file (of an earlier search), or ``method`` over the model's
-        base. A method that needs ``factor`` and leaves it out gets target_length / window."""
+        base. A method that needs ``factor`` and leaves it out gets target_length / window; the
+        field a method reads as its original window (``Method.window_field``) gets the model's."""
         stage, base = self.stage, self.run.base_rope
         if stage.factors:
             return RopeConfig.from_hf(json.loads(self.run.factor_file(stage.factors).read_text()))
@@ -125,6 +126,11 @@ class StageContext:
             "partial_rotary_factor": base.partial_rotary_factor, "original_max_position_embeddings": self.run.window,
             "max_position_embeddings": stage.target_length or self.run.window,
         }
+        if rope_type in METHODS:
+            # the field the method reads as its original window gets the model's, whatever the
+            # target: dynamic NTK's is max_position_embeddings, and a target there would leave
+            # every length up to the target unscaled
+            values[METHODS[rope_type].window_field] = self.run.window
         values.update({k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in method.items()})
         try:
             return RopeConfig.from_dict(values)

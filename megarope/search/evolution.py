@@ -13,6 +13,12 @@ twin draw the same numbers and, given a deterministic fitness, end identically.
 Where the paper and its reference code (microsoft/LongRoPE) differ, the paper's choice is the
 default and the code's is a setting: λ in [1, 1.25·s] (code: [1, 1+s], i.e.
 ``lambda_max_ratio=(1+s)/s``); seeds PI, NTK and YaRN (code: YaRN only, ``seeds=("yarn",)``).
+
+Progressive extension (paper §3.2, the code's ``--init-factors``): a search may start from the
+factors of an earlier, shorter extension (``prior_factors`` at ``prior_scale``). Generation 0 then
+holds them as they are and rescaled to the new scale (:func:`rescale_prior`) beside the classic
+seeds; with ``prior_bound`` each λ_i stays in [λ_prev,i, λ_prev,i · lambda_max_ratio · s/s_prev]
+(λ = λ_prev × λ′, λ′ in [1, 1.25·s/s_prev], the paper's search of the fine-tuned model).
 """
 
 from __future__ import annotations
@@ -91,6 +97,13 @@ class SearchConfig:
     the state being saved after each call (0: one call per generation); it changes when progress
     is saved, never the result.
 
+    ``lambda_max``: an absolute ceiling for λ replacing ``lambda_max_ratio``·s (short-context
+    re-searches, whose best λ reach far beyond their nominal scale). ``prior_factors``,
+    ``prior_scale``, ``prior_n_hat``: an earlier search's long factors, its scale and n̂, seeded in
+    generation 0 as they are and rescaled (:func:`rescale_prior`); ``prior_bound`` bounds each λ_i
+    by the prior (:attr:`bounds`). ``yarn_beta_fast``/``yarn_beta_slow``: the YaRN seed's ramp
+    (transformers' 32/1; the reference code uses 128/2 for Mistral).
+
     A plain (mutable) dataclass so that OmegaConf/Hydra can use it as a structured config group.
     """
 
@@ -113,11 +126,20 @@ class SearchConfig:
     max_tries: int = 20
     num_docs: int = 4
     fitness_chunk: int = 0
+    lambda_max: Optional[float] = None
+    prior_factors: Optional[Tuple[float, ...]] = None
+    prior_scale: Optional[float] = None
+    prior_n_hat: int = 0
+    prior_bound: bool = False
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
 
     def __post_init__(self):
         # YAML, JSON and OmegaConf give lists
         self.n_hat_candidates = tuple(self.n_hat_candidates)
         self.seeds = tuple(self.seeds)
+        if self.prior_factors is not None:
+            self.prior_factors = tuple(float(v) for v in self.prior_factors)
         self._validate()
 
     @property
@@ -165,24 +187,53 @@ class SearchConfig:
         unknown = [s for s in self.seeds if s not in SEED_METHODS]
         if unknown or len(set(self.seeds)) != len(self.seeds):
             raise SearchConfigError("seeds", f"must be distinct names among {SEED_METHODS}, got {self.seeds}")
-        if self.population < len(self.seeds):
-            raise SearchConfigError(
-                "population", f"search.population ({self.population}) < number of seeds ({len(self.seeds)})"
-            )
+        seeds = len(self.seeds) + (2 if self.prior_factors is not None else 0)
+        if self.population < seeds:
+            raise SearchConfigError("population", f"search.population ({self.population}) < number of seeds ({seeds})")
+        if self.lambda_max is not None and not self.lambda_max >= 1:
+            raise SearchConfigError("lambda_max", f"must be >= 1, got {self.lambda_max}")
+        if not 0 < self.yarn_beta_slow < self.yarn_beta_fast:
+            raise SearchConfigError("yarn_beta_fast", f"need 0 < yarn_beta_slow < yarn_beta_fast, got "
+                                    f"{self.yarn_beta_slow} and {self.yarn_beta_fast}")
+        self._validate_prior()
+
+    def _validate_prior(self) -> None:
+        _check_int(self.prior_n_hat, "prior_n_hat", 0)
+        if self.prior_factors is None:
+            # a settings-only config (a run's search group) may ask for the bound before the
+            # stage fills the prior in; a complete one may not
+            if self.prior_bound and self.has_model:
+                raise SearchConfigError("prior_bound", "needs prior_factors (an earlier search's factors)")
+            if self.prior_scale is not None and self.has_model:
+                raise SearchConfigError("prior_scale", "given without prior_factors")
+            return
+        if self.prior_scale is None or not self.prior_scale >= 1:
+            raise SearchConfigError("prior_scale", f"the scale prior_factors were searched for, >= 1; got "
+                                    f"{self.prior_scale}")
+        if len(self.prior_factors) != self.rotary_dim // 2:
+            raise SearchConfigError("prior_factors", f"needs rotary_dim/2 = {self.rotary_dim // 2} entries, got "
+                                    f"{len(self.prior_factors)}")
+        if any(not v >= 1 for v in self.prior_factors):
+            raise SearchConfigError("prior_factors", "entries must be >= 1 (interpolation factors)")
+        if self.prior_bound and self.scale is not None and self.scale < self.prior_scale:
+            raise SearchConfigError("prior_bound", f"the new scale {self.scale} is below the prior's "
+                                    f"{self.prior_scale}: a bound above the prior cannot shrink the extension")
 
     @classmethod
     def for_rope(cls, base_rc: RopeConfig, scale: float, **overrides: Any) -> SearchConfig:
         """Settings ``overrides`` for extending the model whose RoPE is ``base_rc`` by ``scale``."""
         return cls(**overrides).extending(base_rc, scale)
 
-    def extending(self, base_rc: RopeConfig, scale: float) -> SearchConfig:
-        """These settings with the model's side set: extending ``base_rc`` by ``scale``."""
+    def extending(self, base_rc: RopeConfig, scale: float, **changes: Any) -> SearchConfig:
+        """These settings with the model's side set: extending ``base_rc`` by ``scale``; ``changes``
+        (e.g. the prior) are made in the same step, validated together."""
         return dataclasses.replace(
             self,
             scale=scale,
             original_max_position_embeddings=_original_window(base_rc),
             rotary_dim=base_rc.rotary_dim,
             rope_theta=base_rc.rope_theta,
+            **changes,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,11 +247,38 @@ class SearchConfig:
     # that equality (dedupe) and monotonicity are exact.
     @property
     def grid_top(self) -> int:
-        return math.floor((self.lambda_max_ratio * self.scale - 1) / self.lambda_step + 1e-9)
+        if self.prior_bound:
+            return max(high for _, high in self.bounds)
+        top = self.lambda_max if self.lambda_max is not None else self.lambda_max_ratio * self.scale
+        return self._floor_index(top)
 
     @property
-    def lambda_max(self) -> float:
+    def top_lambda(self) -> float:
+        """The largest λ the search can reach."""
         return self.grid_value(self.grid_top)
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        """Grid-index range [low, high] of each λ_i: [0, grid_top] for all, or, with
+        ``prior_bound``, [λ_prev,i, λ_prev,i · lambda_max_ratio · s/s_prev] (λ = λ_prev × λ′ with
+        λ′ in the paper's [1, 1.25·s/s_prev]). Both ends of a monotone prior are monotone, so a
+        monotone child between its neighbours always has a non-empty range."""
+        if not self.prior_bound:
+            return [(0, self.grid_top)] * (self.rotary_dim // 2)
+        ratio = self.lambda_max_ratio * self.scale / self.prior_scale
+        out, low_floor = [], 0
+        for value in self.prior_factors:
+            low = max(math.ceil((value - 1.0) / self.lambda_step - 1e-9), 0)
+            if self.monotone:  # a non-monotone prior: its running maximum is the least monotone λ above it
+                low = low_floor = max(low, low_floor)
+            out.append((low, max(self._floor_index(value * ratio), low)))
+        if self.monotone:  # upper ends monotone too (running maximum from the left)
+            for i in range(1, len(out)):
+                out[i] = (out[i][0], max(out[i][1], out[i - 1][1]))
+        return out
+
+    def _floor_index(self, value: float) -> int:
+        return max(math.floor((value - 1.0) / self.lambda_step + 1e-9), 0)
 
     def grid_value(self, k: int) -> float:
         # rounded so that the same k always gives the same, shortest-printing float
@@ -249,6 +327,7 @@ def seed_factors(method: str, config: SearchConfig) -> tuple[float, ...]:
     """λ_i of a classic method (``pi``, ``ntk`` or ``yarn``), off the grid: the ratio of the
     unscaled to the method's inverse frequencies, both from the RoPE registry."""
     base = RopeConfig(head_dim=config.rotary_dim, rope_theta=config.rope_theta)
+    ramp = {"beta_fast": config.yarn_beta_fast, "beta_slow": config.yarn_beta_slow}
     method_rc = {
         "pi": lambda: base.replace(rope_type="linear", factor=config.scale),
         "ntk": lambda: base.replace(rope_type="ntk", factor=config.scale),
@@ -256,6 +335,7 @@ def seed_factors(method: str, config: SearchConfig) -> tuple[float, ...]:
             rope_type="yarn",
             factor=config.scale,
             original_max_position_embeddings=config.original_max_position_embeddings,
+            **ramp,
         ),
     }
     if method not in method_rc:
@@ -263,9 +343,19 @@ def seed_factors(method: str, config: SearchConfig) -> tuple[float, ...]:
     return tuple((base.inv_freq() / method_rc[method]().inv_freq()).tolist())
 
 
+def rescale_prior(factors: Sequence[float], prior_scale: float, scale: float) -> tuple[float, ...]:
+    """An earlier search's λ carried to a new scale as the reference code does (``--init-factors``):
+    λ' = 1 + (λ − 1)(s − 1)/(s_prev − 1), i.e. each factor's interpolation share grows with the
+    scale; at s_prev = 1 (no interpolation to grow) λ is returned as is."""
+    if prior_scale <= 1:
+        return tuple(factors)
+    return tuple(1.0 + (v - 1.0) * (scale - 1.0) / (prior_scale - 1.0) for v in factors)
+
+
 def _snap(factors: Sequence[float], config: SearchConfig) -> list[int]:
-    """Nearest grid indices, clamped to the range, then made monotone by a running maximum."""
-    indices = [min(max(config.grid_index(v), 0), config.grid_top) for v in factors]
+    """Nearest grid indices, clamped to each dimension's range, then made monotone by a running
+    maximum (which stays in range: both ends of the ranges are monotone)."""
+    indices = [min(max(config.grid_index(v), low), high) for v, (low, high) in zip(factors, config.bounds)]
     if config.monotone:
         for i in range(1, len(indices)):
             indices[i] = max(indices[i], indices[i - 1])
@@ -277,11 +367,19 @@ def _from_indices(indices: Sequence[int], n_hat: int, config: SearchConfig) -> C
 
 
 def seed_candidates(config: SearchConfig) -> list[Candidate]:
-    """The configured seeds on the grid, with the smallest allowed n̂ (0 in the paper's set);
-    seeds that coincide after snapping appear once."""
+    """The seeds on the grid: with a prior, first the prior as it is (with its n̂ where allowed)
+    and rescaled to the new scale, then the configured classic seeds with the smallest allowed n̂
+    (0 in the paper's set); seeds that coincide after snapping appear once."""
+    n_hat = min(config.n_hat_candidates)
+    factor_sets: list[tuple[Sequence[float], int]] = []
+    if config.prior_factors is not None:
+        prior_n_hat = config.prior_n_hat if config.prior_n_hat in config.n_hat_candidates else n_hat
+        factor_sets += [(config.prior_factors, prior_n_hat),
+                        (rescale_prior(config.prior_factors, config.prior_scale, config.scale), prior_n_hat)]
+    factor_sets += [(seed_factors(method, config), n_hat) for method in config.seeds]
     seeds: list[Candidate] = []
-    for method in config.seeds:
-        candidate = _from_indices(_snap(seed_factors(method, config), config), min(config.n_hat_candidates), config)
+    for factors, candidate_n_hat in factor_sets:
+        candidate = _from_indices(_snap(factors, config), candidate_n_hat, config)
         if candidate not in seeds:
             seeds.append(candidate)
     return seeds
@@ -293,7 +391,8 @@ def is_valid(candidate: Candidate, config: SearchConfig) -> bool:
     if len(factors) != config.rotary_dim // 2 or candidate.n_hat not in config.n_hat_candidates:
         return False
     indices = [config.grid_index(v) for v in factors]
-    if any(not 0 <= k <= config.grid_top or config.grid_value(k) != v for k, v in zip(indices, factors)):
+    if any(not low <= k <= high or config.grid_value(k) != v
+           for k, v, (low, high) in zip(indices, factors, config.bounds)):
         return False
     return not config.monotone or all(a <= b for a, b in zip(indices, indices[1:]))
 
@@ -307,20 +406,21 @@ def mutate(
     Each draw visits the dimensions in order and, with probability ``mutation_prob``, redraws λ_i
     uniformly on the grid between its neighbours (the just-redrawn λ_{i-1} and λ_{i+1}; 1 and
     λ_max at the ends; the whole range without the monotone constraint), as the reference code
-    does: the child is monotone and in range by construction, so only repeats are rejected.
+    does, within the dimension's own range (:attr:`SearchConfig.bounds`): the child is monotone
+    and in range by construction, so only repeats are rejected.
     With the same probability n̂ becomes another allowed value, uniformly.
     """
     base = [config.grid_index(v) for v in parent.factors]
-    top, p = config.grid_top, config.mutation_prob
+    bounds, p = config.bounds, config.mutation_prob
     other_n_hats = [v for v in config.n_hat_candidates if v != parent.n_hat]
     for _ in range(config.max_tries):
         indices = list(base)
         for i in range(len(indices)):
             if rng.random() < p:
-                low, high = 0, top
+                low, high = bounds[i]
                 if config.monotone:
-                    low = indices[i - 1] if i > 0 else 0
-                    high = indices[i + 1] if i + 1 < len(indices) else top
+                    low = max(low, indices[i - 1]) if i > 0 else low
+                    high = min(high, indices[i + 1]) if i + 1 < len(indices) else high
                 indices[i] = rng.randint(low, high)
         n_hat = parent.n_hat
         if other_n_hats and rng.random() < p:

@@ -50,7 +50,7 @@ def plot_candidate_factors(candidate: Candidate, config: SearchConfig, path: str
         ax.plot(dims, seed_factors(method, config), color=color, linestyle="--", linewidth=1, label=label)
     label = f"searched (n̂ = {candidate.n_hat})"
     ax.plot(dims, candidate.factors, color="black", marker="o", markersize=2.5, label=label)
-    ax.axhline(config.lambda_max, color="grey", linewidth=0.6, linestyle=":", label="search bound")
+    ax.axhline(config.top_lambda, color="grey", linewidth=0.6, linestyle=":", label="search bound")
     ax.set_yscale("log")  # λ spans 1..s, several octaves for large extensions
     ax.set_xlabel("frequency index i (high to low frequency)")
     ax.set_ylabel("rescale factor λ_i")

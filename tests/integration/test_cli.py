@@ -137,3 +137,28 @@ def test_tiny_recipe_trains_and_evaluates(tmp_path):
     evals = [r for r in rows if r.get("stage") == "eval"]
     assert sorted(r["length"] for r in evals) == [128, 256] and all(r["ppl"] > 1 for r in evals)
     assert all(r["num_docs"] == 2 for r in evals)
+
+
+def test_dynamic_ntk_in_a_stage_scales_past_the_original_window(tmp_path):
+    """A stage's dynamic NTK keeps the model's window as its own (transformers reads it from
+    max_position_embeddings), so the scaling starts past 128 tokens, not past the target."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megarope import RopeConfig
+
+    run_dir = tmp_path / "run"
+    run_cli("eval.lengths=[128,1024]", "eval.num_docs=1",
+            "stages=[{name: original, kind: eval}, {name: dynamic, kind: eval, target_length: 1024,"
+            " method: {rope_type: dynamic}}]", run_dir=run_dir)
+    original, dynamic = (json.loads((run_dir / f"stages/{s}/done.json").read_text()) for s in ("original", "dynamic"))
+    assert dynamic["ppl"]["128"] == original["ppl"]["128"]  # inside the window: the unscaled RoPE
+    assert dynamic["ppl"]["1024"] != original["ppl"]["1024"]
+    rope = RopeConfig.from_dict(dynamic["rope"])
+    assert rope.max_position_embeddings == 128 and rope.factor == 8.0
+    hf = LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=128,
+                     rope_scaling={"rope_type": "dynamic", "factor": 8.0, "rope_theta": 10_000.0})
+    expected, _ = ROPE_INIT_FUNCTIONS["dynamic"](hf, None, seq_len=1024)
+    torch.testing.assert_close(rope.inv_freq(1024).float(), expected.float())
+    assert not torch.allclose(rope.inv_freq(1024), rope.inv_freq(128))

@@ -12,9 +12,9 @@ SMALL = [
     "train.steps=15", "train.log_every=5", "eval.lengths=[128,512,1024]", "eval.num_docs=2",
     "eval.passkey_lengths=[512]", "eval.passkey_per_depth=1", "search.population=4", "search.iterations=1",
     "search.mutations=2", "search.crossovers=2", "search.topk=2", "search.num_docs=1",
-    "stages.7.overrides.train.steps=2", "stages.9.overrides.train.steps=2",
+    "stages.9.overrides.train.steps=2", "stages.11.overrides.train.steps=2",
 ]
-METHODS = ["original", "pi", "ntk", "yarn", "longrope", "abf", "eabf"]
+METHODS = ["original", "pi", "ntk", "yarn", "dynamic", "llama3", "longrope", "abf", "eabf"]
 
 
 @pytest.fixture(scope="module")

@@ -91,8 +91,13 @@ def test_search_beats_pi_and_yarn_at_8x(search_run):
     search = done(search_run, "search")
     print(f"ppl at {TARGET}: search {longrope:.4f}, PI {pi:.4f}, YaRN {yarn:.4f}")
     assert longrope < pi and longrope < yarn
-    # the eval re-measures the searched factors on the same documents
-    assert longrope == pytest.approx(search["best_ppl"], rel=1e-9)
+    # the winner is measured on held-out documents it was not searched on (the search's fitness
+    # split, drawn with its seed, is disjoint from the eval split)
+    rows = [json.loads(line) for line in (search_run / "metrics.jsonl").read_text().splitlines()]
+    eval_docs = {d for r in rows if r.get("stage") == "eval" and r["run_stage"] == "longrope" for d in r["docs"]}
+    assert len(search["fitness_docs"]) == 2 and len(eval_docs) >= 2 and search["fitness_seed"] == 0
+    assert not set(search["fitness_docs"]) & eval_docs
+    assert {r["split"] for r in rows if r.get("stage") == "eval"} == {"eval"}
     # the winner is the search's own: better than every seed (generation 0 holds PI, NTK and YaRN on the grid)
     history = [json.loads(line) for line in (search_run / "metrics.jsonl").read_text().splitlines()]
     generations = {r["generation"]: r["best_ppl"] for r in history if r.get("stage") == "search"}
@@ -193,7 +198,7 @@ def longrope_2048k(base_model, tmp_path_factory) -> Path:
 
 def test_longrope_2048k_tiny(longrope_2048k):
     run_dir = longrope_2048k
-    for stage, length in [("search_ft1", 256), ("search_ft2", 512), ("search_final", 1024), ("search_short", 128)]:
+    for stage, length in [("search_ft1", 256), ("search_ft2", 512), ("search_final", 1024)]:
         assert done(run_dir, stage)["length"] == length
         assert (run_dir / "stages" / stage / "plots/search_factors.png").is_file()
     assert done(run_dir, "finetune_ft1")["steps"] == 2 and done(run_dir, "finetune_ft2")["steps"] == 2
@@ -202,11 +207,71 @@ def test_longrope_2048k_tiny(longrope_2048k):
     final = json.loads((run_dir / "stages/search_final/factors.json").read_text())["rope_parameters"]
     short = json.loads((run_dir / "stages/search_short/factors.json").read_text())
     assert short["rope_parameters"]["long_factor"] == final["long_factor"]
-    assert max(short["rope_parameters"]["short_factor"]) <= 2.5  # lambda_max_ratio 1.25 x short_scale 2
     assert short["megarope_search"]["short"] is True
     config = json.loads((run_dir / "stages/export/model/config.json").read_text())
     assert config["rope_parameters"]["short_factor"] == short["rope_parameters"]["short_factor"]
     assert config["max_position_embeddings"] == 1024
+
+
+def test_longrope_2048k_short_re_search_gives_one_set_per_length_and_the_export_switches(longrope_2048k):
+    """Paper §3.3: short sets re-searched at the original window and at 2x (n-hat searched, lambda up
+    to the long set's largest); the exported model picks the set by input length."""
+    from megarope import RopeConfig
+
+    run_dir = longrope_2048k
+    search = done(run_dir, "search_short")
+    assert [s["length"] for s in search["sets"]] == [128, 256] and search["lengths"] == [128, 256]
+    for length in (128, 256):
+        assert (run_dir / f"stages/search_short/search_state_{length}.json").is_file()
+        assert (run_dir / f"stages/search_short/plots/{length}/search_factors.png").is_file()
+    final = json.loads((run_dir / "stages/search_final/factors.json").read_text())["rope_parameters"]
+    config = json.loads((run_dir / "stages/export/model/config.json").read_text())
+    rope = RopeConfig.from_hf(config)
+    at_window, at_twice = search["sets"]
+    assert [entry[0] for entry in rope.length_sets] == [128, 256]
+    # transformers' one short set is the original window's; the 2x set rides under the megarope key
+    assert config["rope_parameters"]["short_factor"] == at_window["factors"]
+    assert rope.factor_set(100) == (tuple(at_window["factors"]), at_window["n_hat"])
+    assert rope.factor_set(200) == (tuple(at_twice["factors"]), at_twice["n_hat"])
+    assert rope.factor_set(1024) == (tuple(final["long_factor"]), rope.n_hat)
+    assert all(max(s["factors"]) <= max(final["long_factor"]) for s in search["sets"])
+    state = json.loads((run_dir / "stages/search_short/search_state_128.json").read_text())
+    assert state["config"]["prior_factors"] == final["long_factor"]  # seeded from the long factors
+    assert len(state["config"]["n_hat_candidates"]) > 1  # n-hat searched
+
+
+def test_longrope_2048k_final_search_starts_from_the_fine_tuned_factors(longrope_2048k):
+    """Progressive extension: the 8x search of the model fine-tuned with the 4x factors seeds them
+    (as they are and rescaled to 8x) and, bounded by them, returns factors >= them."""
+    from megarope.search.evolution import rescale_prior
+
+    run_dir = longrope_2048k
+    prior = json.loads((run_dir / "stages/search_ft2/factors.json").read_text())["rope_parameters"]["long_factor"]
+    state = json.loads((run_dir / "stages/search_final/search_state.json").read_text())
+    assert state["config"]["prior_factors"] == prior and state["config"]["prior_scale"] == 4.0
+    first = [c[0] for c in state["scores"][:state["config"]["population"]]]  # generation 0, in drawing order
+    assert prior in first
+    rescaled = rescale_prior(prior, 4.0, 8.0)
+    assert any(all(abs(a - b) <= 0.005 + 1e-9 for a, b in zip(c, rescaled)) for c in first)
+    final = json.loads((run_dir / "stages/search_final/factors.json").read_text())["rope_parameters"]
+    assert all(a >= b for a, b in zip(final["long_factor"], prior))
+    assert done(run_dir, "search_final")["prior"] == {"factors": "search_ft2", "scale": 4.0, "bound": True}
+
+
+def test_longrope_2048k_ends_with_evaluation_and_report(longrope_2048k):
+    run_dir = longrope_2048k
+    evaluation = done(run_dir, "eval")
+    assert set(evaluation["ppl"]) == {"128", "256", "512", "1024"}
+    assert all(math.isfinite(v) for v in evaluation["ppl"].values())
+    assert set(evaluation["passkey"]) == {f"{n}@{d}" for n in (256, 1024) for d in (0.1, 0.5, 0.9)}
+    report = (run_dir / "report.md").read_text()
+    assert "## Perplexity" in report and "## Passkey retrieval" in report
+    # measured on held-out documents none of the searches scored
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    eval_docs = {d for r in rows if r.get("stage") == "eval" for d in r["docs"]}
+    fitness_docs = {d for r in rows if r.get("stage") == "search" for d in r["fitness_docs"]}
+    assert eval_docs and fitness_docs and not eval_docs & fitness_docs
+    assert "fitness split" in report
 
 
 def test_longrope_short_retune_tiny(longrope_2048k, tmp_path):
@@ -218,7 +283,7 @@ def test_longrope_short_retune_tiny(longrope_2048k, tmp_path):
     factors = json.loads((run_dir / "stages/search_short/factors.json").read_text())["rope_parameters"]
     original = json.loads((model / "config.json").read_text())["rope_parameters"]
     assert factors["long_factor"] == original["long_factor"]
-    assert done(run_dir, "retuned")["ppl"]["128"] == pytest.approx(search["best_ppl"], rel=1e-9)
+    assert math.isfinite(done(run_dir, "retuned")["ppl"]["128"])
     assert (run_dir / "stages/export/model/config.json").is_file() and (run_dir / "report.md").is_file()
 
 
@@ -236,9 +301,14 @@ def test_entropy_abf_16k_tiny(base_model, tmp_path):
 def test_baselines_tiny(base_model, tmp_path):
     run_dir = tmp_path / "run"
     run_tiny_recipe("baselines", f"model.path={base_model}", run_dir=run_dir)
-    for method in ("pi", "ntk", "yarn", "abf", "longrope"):
+    for method in ("pi", "ntk", "yarn", "llama3", "abf", "longrope"):
         assert done(run_dir, f"finetune_{method}")["steps"] == 2
         assert math.isfinite(done(run_dir, method)["ppl"]["1024"])
     assert done(run_dir, "pi")["rope"]["factor"] == 8.0
+    # dynamic NTK: training-free, its window the original one (scaling grows past 128 tokens)
+    dynamic = done(run_dir, "dynamic")["rope"]
+    assert dynamic["rope_type"] == "dynamic" and dynamic["max_position_embeddings"] == 128
+    assert dynamic["factor"] == 8.0
+    assert done(run_dir, "dynamic")["ppl"]["1024"] != done(run_dir, "original")["ppl"]["1024"]
     report = (run_dir / "report.md").read_text()
-    assert all(name in report for name in ("pi", "ntk", "yarn", "abf", "longrope"))
+    assert all(name in report for name in ("pi", "ntk", "yarn", "dynamic", "llama3", "abf", "longrope"))

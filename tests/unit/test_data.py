@@ -127,9 +127,13 @@ def test_builtin_corpus_has_long_docs_and_a_stable_split(cache):
     assert not any(p.startswith("test/") or "/tests/" in p or "site-packages" in p for p in paths)
 
     cfg = DataConfig(cache_dir=cache)
-    train, evals = load_documents(cfg, "train"), load_documents(cfg, "eval")
-    assert len(train) + len(evals) == len(paths)
+    train, evals, fitness = (load_documents(cfg, split) for split in ("train", "eval", "fitness"))
+    assert len(train) + len(evals) + len(fitness) == len(paths)
     assert not set(train["path"]) & set(evals["path"])
+    # the search's fitness documents: held out from training and from every evaluation, about half
+    # of the held-out share
+    assert not set(fitness["path"]) & (set(evals["path"]) | set(train["path"]))
+    assert 0.3 < len(fitness) / (len(fitness) + len(evals)) < 0.7
     assert sorted(evals["path"]) == sorted(load_documents(cfg, "eval")["path"])
     assert sum(len(t) >= 65536 for t in train["text"]) >= 10
 

@@ -361,3 +361,35 @@ def test_sdpa_attention_dropout_in_training_only():
     torch.testing.assert_close(dropped.eval()(q, k, v, None), plain, rtol=0, atol=0)
     out = dropped.train()(q, k, v, None)
     assert torch.isfinite(out).all() and (out - plain).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("in_n_hat", [True, False])
+def test_longrope_n_hat_attention_factor_matches_independent_reference(tmp_path, monkeypatch, in_n_hat):
+    """Reference: transformers' longrope whose cos/sin at the first n-hat positions are replaced by
+    the original RoPE's, times the attention factor (megarope's default) or not (the reference
+    code's LongRoPEScaledRotaryEmbedding, n_hat_attention_factor=False)."""
+    n_hat, params = 4, SCALINGS["longrope"]
+    hf = tiny_hf(tmp_path, params)
+    rope = rope_of(megarope.from_hf(tmp_path))
+    rope = rope.replace(n_hat=n_hat, n_hat_attention_factor=in_n_hat)
+    factor = rope.attention_factor(3 * WINDOW)
+    assert factor > 1.1
+    original = modeling_llama.apply_rotary_pos_emb
+
+    def with_n_hat(q, k, cos, sin, *args, **kwargs):
+        angles = torch.arange(n_hat, dtype=torch.float64)[:, None] * RopeConfig(head_dim=HEAD_DIM).inv_freq()
+        emb = torch.cat([angles, angles], dim=-1)
+        scale = factor if in_n_hat else 1.0
+        cos, sin = cos.clone(), sin.clone()
+        cos[:, :n_hat], sin[:, :n_hat] = (emb.cos() * scale).to(cos.dtype), (emb.sin() * scale).to(sin.dtype)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", with_n_hat)
+    model = megarope.from_hf(tmp_path, rope=rope)
+    ids = torch.randint(0, VOCAB, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    tolerance = 3e-5 * ref.abs().max()
+    assert (logits_of(model, ids) - ref).abs().max() <= tolerance
+    set_rope(model, rope.replace(n_hat_attention_factor=not in_n_hat))  # the setting is what the reference checks
+    assert (logits_of(model, ids) - ref).abs().max() > 100 * tolerance

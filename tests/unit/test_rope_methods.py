@@ -1,6 +1,7 @@
 """Every RoPE method against transformers' own functions (the oracle) or an independent closed form."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -389,3 +390,42 @@ def test_rope_errors_are_megarope_errors():
     with pytest.raises(MegaropeError) as err:
         RopeConfig(rope_type="linear")
     assert isinstance(err.value, RopeConfigError) and err.value.field == "factor"
+
+
+def test_longrope_length_sets_switch_by_length_and_round_trip_through_the_export():
+    """Per-length short sets (paper §3.3: re-searched at the original window and at 2x): the
+    export's transformers short_factor is the original window's set, the others ride under the
+    megarope key and come back."""
+    half = 8
+    long, at_window, at_twice = (tuple(1.0 + k * i / half for i in range(half)) for k in (7.0, 1.0, 2.0))
+    rc = RopeConfig(rope_type="longrope", head_dim=16, max_position_embeddings=1024,
+                    original_max_position_embeddings=128, long_factor=long, short_factor=at_window,
+                    n_hat=4, short_n_hat=0, length_sets=((128, 0, at_window), (256, 2, at_twice)))
+    assert rc.factor_set(100) == (at_window, 0)
+    assert rc.factor_set(256) == (at_twice, 2)
+    assert rc.factor_set(257) == (long, 4)
+    assert torch.equal(rc.inv_freq(200), base_inv_freq(10_000.0, 16) / torch.tensor(at_twice, dtype=torch.float64))
+    # n-hat of the set: the first 2 positions of a 256-token input keep the unscaled angles
+    angles = rc.angles(torch.arange(256))
+    plain = RopeConfig(head_dim=16).angles(torch.arange(256))
+    assert torch.equal(angles[:2], plain[:2]) and not torch.equal(angles[2:4], plain[2:4])
+    exported = rc.to_hf()
+    assert exported["rope_parameters"]["short_factor"] == list(at_window)
+    assert exported["megarope"]["length_sets"][1] == [256, 2, list(at_twice)]
+    assert RopeConfig.from_hf(json.loads(json.dumps(exported))) == rc
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"length_sets": ((256, 0, (1.0,) * 8), (128, 0, (1.0,) * 8))}, "length_sets"),
+    ({"length_sets": ((128, 0, (1.0,) * 7),)}, "length_sets"),
+    ({"rope_type": "linear", "factor": 2.0, "short_n_hat": 0}, "short_n_hat"),
+    ({"rope_type": "linear", "factor": 2.0, "n_hat_attention_factor": False}, "n_hat_attention_factor"),
+])
+def test_bad_length_sets_fail_naming_the_field(changes, field):
+    values = dict(rope_type="longrope", head_dim=16, original_max_position_embeddings=128, factor=8.0,
+                  long_factor=(2.0,) * 8, short_factor=(1.0,) * 8)
+    if changes.get("rope_type") == "linear":
+        values = dict(head_dim=16)
+    with pytest.raises(RopeConfigError) as err:
+        RopeConfig(**{**values, **changes})
+    assert err.value.field == field

@@ -95,9 +95,9 @@ def test_defaults_are_the_papers():
     assert cfg.mutation_prob == 0.3 and cfg.lambda_step == 0.01 and cfg.monotone
     assert cfg.n_hat_candidates == (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256) == PAPER_N_HAT
     assert cfg.seeds == ("pi", "ntk", "yarn")
-    assert cfg.lambda_max == 640.0  # 1.25 · s
+    assert cfg.top_lambda == 640.0  # 1.25 · s
     # the reference code's [1, 1 + s]
-    assert SearchConfig(scale=8, original_max_position_embeddings=4096, lambda_max_ratio=9 / 8).lambda_max == 9.0
+    assert SearchConfig(scale=8, original_max_position_embeddings=4096, lambda_max_ratio=9 / 8).top_lambda == 9.0
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_seeds_are_monotone_on_grid_in_bounds(scale, rotary_dim):
     for seed in seeds:
         assert is_valid(seed, cfg)
         assert len(seed.factors) == rotary_dim // 2 and seed.n_hat == 0
-        assert all(1.0 <= v <= cfg.lambda_max for v in seed.factors)
+        assert all(1.0 <= v <= cfg.top_lambda for v in seed.factors)
         assert list(seed.factors) == sorted(seed.factors)
     pi = seed_candidates(SearchConfig(**{**cfg.to_dict(), "seeds": ["pi"]}))[0]
     assert pi.factors == (cfg.grid_value(cfg.grid_index(scale)),) * (rotary_dim // 2)
@@ -432,3 +432,68 @@ def test_a_stopped_search_resumes_to_the_uninterrupted_result(tmp_path, stop_at)
     resumed = LongRopeSearch(cfg, Synthetic(cfg), state_path=state).run()
     assert resumed.history == whole.history and resumed.population == whole.population
     assert resumed.best == whole.best and resumed.evaluations == whole.evaluations
+
+
+# ------------------------------------------------------------------------------- progressive extension
+PRIOR = (1.0, 1.0, 1.2, 1.5, 2.0, 2.6, 3.3, 4.0)  # a monotone 4x result, on the grid
+
+
+def test_generation_0_holds_the_prior_as_is_and_rescaled():
+    from megarope.search.evolution import rescale_prior
+
+    cfg = small(prior_factors=PRIOR, prior_scale=4.0, prior_n_hat=4)
+    fitness = Synthetic(cfg)
+    LongRopeSearch(cfg, fitness).run()
+    first = fitness.calls[0]
+    rescaled = rescale_prior(PRIOR, 4.0, 8.0)
+    # the reference's rule: λ' - 1 grows by (s - 1)/(s_prev - 1) = 7/3
+    assert rescaled[-1] == pytest.approx(1 + 3.0 * 7 / 3)
+    assert Candidate(PRIOR, 4) in first
+    assert Candidate(tuple(round(v, 2) for v in rescaled), 4) in first
+    assert {seed for seed in seed_candidates(small())} <= set(first)  # PI, NTK, YaRN still seeded
+
+
+def test_prior_bound_keeps_every_candidate_between_the_prior_and_its_ceiling():
+    cfg = small(prior_factors=PRIOR, prior_scale=4.0, prior_bound=True, iterations=15)
+
+    class FavoursPrior(Synthetic):
+        """Optimum just below the prior: the best the bounded search can do is the prior itself."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.target = [max(v - 0.3, 1.0) for v in PRIOR]
+
+    fitness = FavoursPrior(cfg)
+    result = LongRopeSearch(cfg, fitness).run()
+    ceiling = [v * 1.25 * 8.0 / 4.0 for v in PRIOR]
+    for batch in fitness.calls:
+        for c in batch:
+            assert all(p - 1e-9 <= v <= top + 1e-9 for v, p, top in zip(c.factors, PRIOR, ceiling))
+            assert is_valid(c, cfg)
+    assert all(v >= p for v, p in zip(result.best.factors, PRIOR))
+    assert result.best.factors == PRIOR  # the favoured factors won
+    assert cfg.top_lambda == pytest.approx(ceiling[-1])
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"prior_bound": True}, "search.prior_bound"),  # a complete config (scale and window set)
+    ({"prior_factors": PRIOR}, "search.prior_scale"),
+    ({"prior_factors": PRIOR[:-1], "prior_scale": 4.0}, "search.prior_factors"),
+    ({"prior_factors": PRIOR, "prior_scale": 16.0, "prior_bound": True}, "search.prior_bound"),
+    ({"lambda_max": 0.5}, "search.lambda_max"),
+    ({"yarn_beta_fast": 1.0}, "search.yarn_beta_fast"),
+])
+def test_bad_prior_settings_fail_naming_the_field(overrides, field):
+    with pytest.raises(SearchConfigError) as err:
+        small(**overrides)
+    assert err.value.field == field
+
+
+def test_lambda_max_is_an_absolute_ceiling_and_yarn_seed_takes_its_ramp():
+    assert small(lambda_max=64.0).top_lambda == 64.0
+    mistral = small(yarn_beta_fast=128.0, yarn_beta_slow=2.0)
+    rc = RopeConfig(rope_type="yarn", head_dim=16, factor=8.0, original_max_position_embeddings=64,
+                    beta_fast=128.0, beta_slow=2.0)
+    expected = (RopeConfig(head_dim=16).inv_freq() / rc.inv_freq()).tolist()
+    assert seed_factors("yarn", mistral) == pytest.approx(expected)
+    assert seed_factors("yarn", mistral) != seed_factors("yarn", small())

@@ -54,6 +54,21 @@ def test_search_stage_refuses_the_derived_settings(tmp_path, overrides, field):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("overrides, field, says", [
+    ({"search": {"prior_scale": 4.0}}, "search.prior_scale", "stages.s.factors"),
+    ({"search": {"prior_n_hat": 4}}, "search.prior_n_hat", "stages.s.factors"),
+    ({"search": {"prior_bound": True}}, "search.prior_bound", "stages.s.factors"),
+])
+def test_search_stage_refuses_a_prior_without_its_factors_link(tmp_path, overrides, field, says):
+    """The prior of a progressive search is the stage's `factors` link, never typed in."""
+    cfg = Config(run=RunConfig(dir=str(tmp_path / "run")),
+                 stages=[{"name": "s", "kind": "search", "target_length": 256, "overrides": overrides}])
+    with pytest.raises(ConfigError) as err:
+        Pipeline(cfg).preflight()
+    assert err.value.field == field and says in err.value.message
+    assert not (tmp_path / "run").exists()
+
+
 def _python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 

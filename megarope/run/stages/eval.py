@@ -24,10 +24,11 @@ def _perplexity(ctx: StageContext, engine) -> dict:
     docs = load_documents(cfg.data, "eval")
     table = {}
     for length in cfg.eval.lengths:
-        rows = eval_documents(docs, ctx.tokenizer, length + 1, cfg.eval.num_docs, cfg.data.text_key)
+        used: list = []
+        rows = eval_documents(docs, ctx.tokenizer, length + 1, cfg.eval.num_docs, cfg.data.text_key, used)
         table[length] = engine.perplexity(lm_sample(row) for row in rows)
         ctx.metrics.write({"stage": "eval", "run_stage": name, "method": name, "length": length,
-                           "ppl": table[length], "num_docs": len(rows)})
+                           "ppl": table[length], "num_docs": len(rows), "split": "eval", "docs": used})
         log.info("%s length %d ppl %.3f", name, length, table[length])
     return table
 
