@@ -23,12 +23,26 @@ def _setup_logging(level: str) -> None:
 
 
 def run(cfg) -> dict:
-    """Validate and run the pipeline (bad input fails before anything is written)."""
+    """Validate and run the pipeline. Bad input fails before anything is written, every problem
+    found reported at once (:class:`~megarope.errors.MegaropeErrors`)."""
+    from megarope.errors import MegaropeError, raise_all
     from megarope.run.config import validate
     from megarope.run.pipeline import Pipeline, resolve_stages
 
     cfg.stages = resolve_stages(cfg.stages)
-    validate(cfg, world_size=dist.world_size())
+    try:
+        validate(cfg, world_size=dist.world_size())
+    except MegaropeError as invalid:
+        # the stages' own checks may still find more; a check that breaks on the settings
+        # already refused is not reported on top of them
+        errors = [invalid]
+        try:
+            Pipeline(cfg).preflight()
+        except MegaropeError as err:
+            errors.append(err)
+        except Exception:  # noqa: BLE001
+            pass
+        raise_all(errors)
     return Pipeline(cfg).run()
 
 
@@ -56,7 +70,8 @@ def main() -> None:
         try:
             summary = run(OmegaConf.to_object(dcfg))
         except MegaropeError as err:  # bad input; anything else is a bug and keeps its traceback
-            log.error("error: %s: %s", err.field, err.message)
+            for each in getattr(err, "errors", [err]):
+                log.error("error: %s: %s", each.field, each.message)
             sys.exit(2)
         except OmegaConfBaseException as err:  # e.g. a `${required:}` value or a `???` in vars left unset
             log.error("error: %s", str(err).splitlines()[0])

@@ -81,9 +81,30 @@ def _load_local(path: Path, fmt: str, cfg: DataConfig):
             raise DataError("data.format", f"'auto': {cfg.source!r} mixes formats {sorted(found)}; set it")
         fmt = found.pop()
     extra = {"sample_by": "document"} if fmt == "text" else {}
-    return datasets.load_dataset(
-        fmt, data_files=files, split="train", cache_dir=str(_cache_dir(cfg.cache_dir) / "datasets"), **extra
-    )
+    try:
+        return datasets.load_dataset(
+            fmt, data_files=files, split="train", cache_dir=str(_cache_dir(cfg.cache_dir) / "datasets"), **extra
+        )
+    except Exception as err:  # the loaders' parse errors name neither the file nor the line
+        where = _first_bad_json_line(files) if fmt == "json" else None
+        raise DataError("data.source", where or f"{cfg.source!r} does not load as {fmt}: "
+                        f"{str(err).splitlines()[0]}") from err
+
+
+def _first_bad_json_line(files: list[str]) -> str | None:
+    """``file:line: ...`` of the first record of a JSON Lines file that is not a JSON object."""
+    for file in files:
+        with open(file, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"{file}:{number}: not valid JSON ({err.msg}, column {err.colno})"
+                if not isinstance(record, dict):
+                    return f"{file}:{number}: a record must be a JSON object, got {type(record).__name__}"
+    return None
 
 
 def _load_raw(cfg: DataConfig):

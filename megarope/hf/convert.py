@@ -89,6 +89,45 @@ def _parallel_sizes() -> tuple[int, int, int]:
     )
 
 
+def check_hf_folder(path: str | os.PathLike) -> None:
+    """Everything about a checkpoint folder that can fail, without loading its weights: it exists,
+    ``config.json`` reads as a supported model, the safetensors files hold the tensors that config
+    describes (names and shapes, from the file headers) and the tokenizer loads."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError("model.path", f"no such checkpoint folder: {path}")
+    config = read_hf_config(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError("model.path", f"no *.safetensors files in {path}")
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            shapes.update({k.removeprefix("model."): tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    heads, groups, dim = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
+    expected = {"embed_tokens.weight": (config.vocab_size, config.hidden_size)}
+    for i in range(config.num_hidden_layers):
+        expected[f"layers.{i}.self_attn.q_proj.weight"] = (heads * dim, config.hidden_size)
+        expected[f"layers.{i}.self_attn.k_proj.weight"] = (groups * dim, config.hidden_size)
+        expected[f"layers.{i}.mlp.gate_proj.weight"] = (config.intermediate_size, config.hidden_size)
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise CheckpointError("model.path", f"{path}: no tensor {name!r} in the safetensors files, which "
+                                  "config.json's model needs")
+        if shapes[name] != shape:
+            raise CheckpointError("model.path", f"{path}: {name} has shape {list(shapes[name])} but config.json "
+                                  f"describes {list(shape)}")
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError("model.path", f"{path}: the tokenizer does not load ({str(err).splitlines()[0]})") \
+            from err
+
+
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if not files:

@@ -132,6 +132,10 @@ class RopeConfig:
         for name in ("max_position_embeddings", "original_max_position_embeddings"):
             if getattr(self, name) is not None:
                 _check_int(getattr(self, name), name, minimum=1)
+        original, extended = self.original_max_position_embeddings, self.max_position_embeddings
+        if original is not None and extended is not None and original > extended:
+            raise RopeConfigError("original_max_position_embeddings", f"{original} exceeds max_position_embeddings="
+                                  f"{extended}: the extended window must contain the original one")
         for name in ("long_factor", "short_factor"):
             values = getattr(self, name)
             if values is None:

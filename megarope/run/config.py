@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from megarope.data.config import DataConfig
-from megarope.errors import MegaropeError
+from megarope.errors import MegaropeError, raise_all
 from megarope.search.evolution import SearchConfig
 
 
@@ -157,12 +157,30 @@ class ConfigError(MegaropeError):
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Checks that need no data or model: fail before any work, naming the field."""
+    """Checks that need no data: fail before any work, naming the field; every failed check is
+    reported (:class:`~megarope.errors.MegaropeErrors` when more than one)."""
+    errors: list[MegaropeError] = []
+
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
-            raise ConfigError(key, message)
+            errors.append(ConfigError(key, message))
 
     need(cfg.train.steps > 0, "train.steps", f"must be > 0, got {cfg.train.steps}")
+    need(cfg.train.lr > 0, "train.lr", f"must be > 0, got {cfg.train.lr}")
+    need(0 <= cfg.train.min_lr <= cfg.train.lr, "train.min_lr", f"must be in [0, train.lr], got {cfg.train.min_lr}")
+    need(cfg.train.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {cfg.train.warmup_steps}")
+    need(cfg.train.log_every >= 1, "train.log_every", f"must be >= 1, got {cfg.train.log_every}")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+    need(cfg.eval.num_docs >= 1, "eval.num_docs", f"must be >= 1, got {cfg.eval.num_docs}")
+    need(cfg.eval.passkey_per_depth >= 1, "eval.passkey_per_depth", f"must be >= 1, got {cfg.eval.passkey_per_depth}")
+    need(all(0 <= d <= 1 for d in cfg.eval.passkey_depths), "eval.passkey_depths",
+         f"depths are shares of the context, in [0, 1]; got {list(cfg.eval.passkey_depths)}")
+    for key, values in (("eval.lengths", cfg.eval.lengths), ("eval.passkey_lengths", cfg.eval.passkey_lengths)):
+        for i, n in enumerate(values):
+            need(n >= 1, f"{key}[{i}]", f"must be >= 1 token, got {n}")
+    for i, stage in enumerate(cfg.stages):
+        need(stage.target_length is None or stage.target_length >= 1, f"stages[{i}].target_length",
+             f"must be >= 1 token, got {stage.target_length}")
     need(cfg.train.epochs >= 0, "train.epochs", f"must be >= 0, got {cfg.train.epochs}")
     need(cfg.train.global_batch_size > 0, "train.global_batch_size", "must be > 0")
     need(cfg.train.schedule in ("linear", "cosine", "constant"), "train.schedule",
@@ -170,14 +188,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     need(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
     for key in ("tp", "pp", "cp", "micro_batch_size"):
         need(getattr(cfg.parallel, key) >= 1, f"parallel.{key}", "must be >= 1")
+    if any(getattr(cfg.parallel, key) < 1 for key in ("tp", "pp", "cp", "micro_batch_size")):
+        raise_all(errors)  # every check below divides by these
     if world_size is not None:
         model_parallel = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
         need(world_size % model_parallel == 0, "parallel.tp",
              f"world size {world_size} is not divisible by parallel.tp*pp*cp = {model_parallel}")
         dp = world_size // model_parallel
-        need(cfg.train.global_batch_size % (dp * cfg.parallel.micro_batch_size) == 0, "train.global_batch_size",
-             f"{cfg.train.global_batch_size} is not divisible by data-parallel size {dp} x "
-             f"parallel.micro_batch_size {cfg.parallel.micro_batch_size}")
+        need(dp == 0 or cfg.train.global_batch_size % (dp * cfg.parallel.micro_batch_size) == 0,
+             "train.global_batch_size", f"{cfg.train.global_batch_size} is not divisible by data-parallel size "
+             f"{dp} x parallel.micro_batch_size {cfg.parallel.micro_batch_size}")
     # CP cuts every sequence into 2*cp equal chunks; SP then splits a CP rank's share over TP
     p = cfg.parallel
     multiple = math.lcm(2 * p.cp if p.cp > 1 else 1, p.cp * p.tp if p.sp else 1)
@@ -202,7 +222,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     need(cfg.model.core_attention in ("sdpa", "local"), "model.core_attention",
          f"one of sdpa|local, got {cfg.model.core_attention!r}")
     if cfg.model.path is not None:
-        need(os.path.isdir(cfg.model.path), "model.path", f"no such checkpoint folder: {cfg.model.path}")
+        from megarope.hf.convert import CheckpointError, check_hf_folder
+
+        try:
+            check_hf_folder(cfg.model.path)
+        except CheckpointError as err:
+            errors.append(err)
     else:
         need(cfg.model.num_attention_heads % cfg.parallel.tp == 0, "parallel.tp",
              f"model.num_attention_heads={cfg.model.num_attention_heads} is not divisible by parallel.tp={cfg.parallel.tp}")
@@ -215,3 +240,4 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"{cfg.parallel.tp} does not divide")
         need(cfg.model.num_layers % cfg.parallel.pp == 0, "parallel.pp",
              f"model.num_layers={cfg.model.num_layers} is not divisible by parallel.pp={cfg.parallel.pp}")
+    raise_all(errors)

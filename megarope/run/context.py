@@ -34,6 +34,7 @@ class RunContext:
         self.metrics = MetricsWriter(self.dir / "metrics.jsonl", enabled=dist.is_rank0(), sinks=self._sinks())
         self.base_rope = self._base_rope()
         self._samples: dict[str, Any] = {}
+        self.checked: set[str] = set()  # settings a stage check passed (stages sharing them skip it)
 
     def _sinks(self) -> list:
         """The dashboards ``log`` switches on (created at the first metrics row)."""
@@ -135,7 +136,10 @@ class StageContext:
         try:
             return RopeConfig.from_dict(values)
         except RopeConfigError as err:
-            raise ConfigError(f"method.{err.field}", err.message) from err
+            # named where the user wrote it: the stage's own `method`, else the run's
+            index = [s.name for s in self.run.cfg.stages].index(stage.name)
+            where = f"stages[{index}].method" if err.field in stage.method else "method"
+            raise ConfigError(f"{where}.{err.field}", err.message) from err
 
     @property
     def seq_len(self) -> int:

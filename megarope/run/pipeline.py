@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from megarope import dist, fields
 from megarope.atomic import atomic_write_text
+from megarope.errors import MegaropeError, raise_all
 from megarope.run.config import Config, ConfigError, StageConfig
 from megarope.run.context import RunContext
 from megarope.run.stages import STAGES
@@ -71,9 +72,15 @@ class Pipeline:
         return [stage for stage in self.cfg.stages if self.run_ctx.done_info(stage.name) is None]
 
     def preflight(self) -> None:
-        """Everything that can fail on bad input, before any stage writes anything."""
+        """Everything that can fail on bad input, before any stage writes anything; the failures
+        of all stages are reported together."""
+        errors = []
         for stage in self._todo():
-            STAGES[stage.kind].check(self._contexts[stage.name])
+            try:
+                STAGES[stage.kind].check(self._contexts[stage.name])
+            except MegaropeError as err:
+                errors.append(err)
+        raise_all(errors)
 
     def run(self) -> dict:
         start = time.monotonic()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from megarope.data.config import DataError
 from megarope.data.samples import eval_documents, lm_sample
 from megarope.data.sources import load_documents
 from megarope.eval.passkey import accuracy_by_depth, passkey_lm_sample, passkey_samples
-from megarope.run.config import StageConfig
-from megarope.run.context import StageContext, StageKind
+from megarope.run.config import ConfigError, StageConfig
+from megarope.run.context import StageContext, StageKind, check_rope
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +19,25 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalStage(StageConfig):
     """An evaluation stage; its settings are the run's ``eval`` and ``data`` groups."""
+
+
+def check(ctx: StageContext) -> None:
+    """The RoPE, enough held-out documents for every length and passkey prompts that fit every
+    passkey length (checked once for the settings all eval stages share)."""
+    check_rope(ctx)
+    cfg = ctx.cfg
+    key = json.dumps([asdict(cfg.data), asdict(cfg.eval)], sort_keys=True, default=str)
+    if key in ctx.run.checked:
+        return
+    docs = load_documents(cfg.data, "eval")
+    for i, length in enumerate(cfg.eval.lengths):
+        try:
+            eval_documents(docs, ctx.tokenizer, length + 1, cfg.eval.num_docs, cfg.data.text_key)
+        except DataError as err:
+            raise ConfigError(f"eval.lengths[{i}]", err.message) from err
+    for length in cfg.eval.passkey_lengths:
+        passkey_samples(ctx.tokenizer, length + 1, cfg.eval.passkey_depths, cfg.eval.passkey_per_depth, cfg.eval.seed)
+    ctx.run.checked.add(key)
 
 
 def _perplexity(ctx: StageContext, engine) -> dict:
@@ -65,4 +86,4 @@ def run(ctx: StageContext) -> dict:
     return {"kind": "eval", "ppl": ppl, "passkey": passkey, "rope": ctx.rope.to_dict()}
 
 
-KIND = StageKind(EvalStage, run)
+KIND = StageKind(EvalStage, run, check)
