@@ -123,6 +123,9 @@ def save(engine, root: Path, step: int, common: dict, keep: int = 1) -> Path:
     if ranks.is_rank0():
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        # a kill between writing the marker's temporary file and its rename leaves that file
+        for stale in root.glob(f".{LATEST}.*.tmp"):
+            stale.unlink(missing_ok=True)
         tmp.mkdir()
     ranks.barrier()
     state = _sharded(engine, loading=False)

@@ -140,21 +140,36 @@ def final_metrics(run_dir: Path) -> list[dict]:
             for row in read_metrics(run_dir / "metrics.jsonl")]
 
 
-@pytest.mark.slurm
-def test_longrope_2048k_tiny_on_two_nodes_requeued_equals_uninterrupted(slurm_cluster, launch_megarope, runs):
-    plain = launch_megarope()
-    slurm_cluster.wait_for(plain, "COMPLETED", timeout=900)
-    plain_dir = runs / f"longrope_2048k-{plain}"
-    assert (plain_dir / "summary.json").is_file(), slurm_cluster.output(plain)
-    assert (plain_dir / "stages/export/model/config.json").is_file()
+_PLAIN: dict[str, Path] = {}  # the uninterrupted run, shared by the requeue tests of this module
 
+
+def plain_run(slurm_cluster, launch_megarope, runs) -> Path:
+    if "dir" not in _PLAIN:
+        plain = launch_megarope()
+        slurm_cluster.wait_for(plain, "COMPLETED", timeout=900)
+        _PLAIN["dir"] = runs / f"longrope_2048k-{plain}"
+        assert (_PLAIN["dir"] / "summary.json").is_file(), slurm_cluster.output(plain)
+        assert (_PLAIN["dir"] / "stages/export/model/config.json").is_file()
+    return _PLAIN["dir"]
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("stage,resumed", [
+    # signalled once both ranks are in the stage's loop: a fine-tune has taken a step, a search
+    # has finished its first generation (it stops after the generation it is scoring)
+    ("finetune_ft1", ("resumed finetune_ft1", "finetune_ft1: already done")),
+    ("search_ft1", ("search: resuming from", "search_ft1: already done")),
+], ids=["train", "search"])
+def test_longrope_2048k_tiny_on_two_nodes_requeued_equals_uninterrupted(slurm_cluster, launch_megarope, runs,
+                                                                        stage, resumed):
+    plain_dir = plain_run(slurm_cluster, launch_megarope, runs)
     job = launch_megarope()
     run_dir = runs / f"longrope_2048k-{job}"
-    # signal once the first fine-tuning stage has taken a step (both ranks are then in its loop)
-    _wait_while_live(slurm_cluster, job, lambda: any(r.get("stage") == "finetune_ft1" for r in final_metrics(run_dir)))
+    _wait_while_live(slurm_cluster, job, lambda: any(r.get("run_stage", r.get("stage")) == stage
+                                                     for r in final_metrics(run_dir)))
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
     info = slurm_cluster.wait_for(job, "COMPLETED", timeout=900, restarts=1)
     log = slurm_cluster.output(job)
     assert info["Restarts"] == "1" and f"requeueing job {job}" in log, log[-4000:]
-    assert "resumed finetune_ft1" in log or "finetune_ft1: already done" in log, log[-4000:]
+    assert any(text in log for text in resumed), log[-4000:]
     assert final_metrics(run_dir) == final_metrics(plain_dir)
