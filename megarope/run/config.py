@@ -165,6 +165,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if not ok:
             errors.append(ConfigError(key, message))
 
+    _check_settings(cfg, need)
+    _check_layout(cfg, world_size, need)
+    _check_model(cfg, need)
+    raise_all(errors)
+
+
+def _check_settings(cfg: Config, need) -> None:
+    """Training, checkpoint and evaluation values on their own."""
     need(cfg.train.steps > 0, "train.steps", f"must be > 0, got {cfg.train.steps}")
     need(cfg.train.lr > 0, "train.lr", f"must be > 0, got {cfg.train.lr}")
     need(0 <= cfg.train.min_lr <= cfg.train.lr, "train.min_lr", f"must be in [0, train.lr], got {cfg.train.min_lr}")
@@ -186,10 +194,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     need(cfg.train.schedule in ("linear", "cosine", "constant"), "train.schedule",
          f"one of linear|cosine|constant, got {cfg.train.schedule!r}")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+
+
+def _check_layout(cfg: Config, world_size: int | None, need) -> None:
+    """The parallel layout against the launch size and every sequence length."""
     for key in ("tp", "pp", "cp", "micro_batch_size"):
         need(getattr(cfg.parallel, key) >= 1, f"parallel.{key}", "must be >= 1")
     if any(getattr(cfg.parallel, key) < 1 for key in ("tp", "pp", "cp", "micro_batch_size")):
-        raise_all(errors)  # every check below divides by these
+        return  # every check below divides by these
     if world_size is not None:
         model_parallel = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
         need(world_size % model_parallel == 0, "parallel.tp",
@@ -214,6 +226,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         # pipeline's fixed p2p shapes and SP's even split over TP do not allow
         need(p.pp == 1, "parallel.pp", "packed batches (data.reset_position_ids=true) need parallel.pp=1")
         need(not p.sp, "parallel.sp", "packed batches (data.reset_position_ids=true) need parallel.sp=false")
+
+
+def _check_model(cfg: Config, need) -> None:
+    """Sinks, attention kernel and the model (checkpoint folder, or the tiny model's shape against TP/PP)."""
     for key, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
         need(not getattr(cfg.log, key) or importlib.util.find_spec(module) is not None, f"log.{key}",
              f"the {module} package is not installed (pip install {module})")
@@ -227,7 +243,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         try:
             check_hf_folder(cfg.model.path)
         except CheckpointError as err:
-            errors.append(err)
+            need(False, err.field, err.message)
     else:
         need(cfg.model.num_attention_heads % cfg.parallel.tp == 0, "parallel.tp",
              f"model.num_attention_heads={cfg.model.num_attention_heads} is not divisible by parallel.tp={cfg.parallel.tp}")
@@ -240,4 +256,3 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"{cfg.parallel.tp} does not divide")
         need(cfg.model.num_layers % cfg.parallel.pp == 0, "parallel.pp",
              f"model.num_layers={cfg.model.num_layers} is not divisible by parallel.pp={cfg.parallel.pp}")
-    raise_all(errors)
