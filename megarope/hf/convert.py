@@ -3,15 +3,9 @@
 Config through transformers' config classes (``AutoConfig``), weights through safetensors. The
 RoPE keys go through ``RopeConfig.from_hf`` / ``to_hf``.
 
-Weight layout differences handled here:
-- megatron fuses q/k/v into ``linear_qkv`` grouped per KV head: for each query group, its query
-  heads, then its key head, then its value head;
-- megatron fuses gate and up projections into ``linear_fc1`` as [gate; up] (its GLU applies the
-  activation to the first half);
-- with the Transformer Engine spec the norms live inside the fused linear layers
-  (``layer_norm_weight``); with the local spec they are separate modules. Both are recognised.
-Tensor parallel shards and pipeline stages are cut from the full tensors on load
-(``megarope.mcore.weights``, which also fuses q/k/v and gate/up).
+The weights keep Hugging Face's names; ``megarope.mcore.weights`` maps them onto megatron's layout
+(fused q/k/v and gate/up, TE or local norms) and cuts this rank's tensor-parallel shard and
+pipeline stage from the full tensors on load.
 """
 
 from __future__ import annotations
