@@ -21,6 +21,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TARGET = 1024  # 8x the tiny window
+EVAL_DOCS = 4  # held-out documents per length in the search run's evaluations
 SEARCH_KNOBS = [
     "search.population=16", "search.iterations=3", "search.mutations=6", "search.crossovers=6", "search.topk=8",
     "search.num_docs=4",
@@ -81,7 +82,7 @@ def base_model(tmp_path_factory) -> Path:
 def search_run(base_model, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("search") / "run"
     run_cli("tiny", f"model.path={base_model}", SEARCH_STAGES, *SEARCH_KNOBS, f"eval.lengths=[128,{TARGET}]",
-            "eval.num_docs=4", run_dir=run_dir)
+            f"eval.num_docs={EVAL_DOCS}", run_dir=run_dir)
     return run_dir
 
 
@@ -95,7 +96,7 @@ def test_search_beats_pi_and_yarn_at_8x(search_run):
     # split, drawn with its seed, is disjoint from the eval split)
     rows = [json.loads(line) for line in (search_run / "metrics.jsonl").read_text().splitlines()]
     eval_docs = {d for r in rows if r.get("stage") == "eval" and r["run_stage"] == "longrope" for d in r["docs"]}
-    assert len(search["fitness_docs"]) == 4 and len(eval_docs) >= 4 and search["fitness_seed"] == 0
+    assert len(search["fitness_docs"]) == 4 and len(eval_docs) >= EVAL_DOCS and search["fitness_seed"] == 0
     assert not set(search["fitness_docs"]) & eval_docs
     assert {r["split"] for r in rows if r.get("stage") == "eval"} == {"eval"}
     # the winner is the search's own: better than every seed (generation 0 holds PI, NTK and YaRN on the grid)
@@ -152,7 +153,7 @@ def test_export_loads_in_transformers_as_longrope_with_the_same_perplexity(searc
     assert params["long_factor"] == factors["long_factor"]
     docs = load_documents(DataConfig(source="builtin"), "eval")
     for length in (128, TARGET):  # short factors inside the original window, long ones past it
-        rows = eval_documents(docs, load_tokenizer(str(folder)), length + 1, 2)
+        rows = eval_documents(docs, load_tokenizer(str(folder)), length + 1, EVAL_DOCS)
         with torch.no_grad():
             logits = model(rows[:, :-1]).logits
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), rows[:, 1:].flatten())
