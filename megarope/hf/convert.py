@@ -83,6 +83,13 @@ def _parallel_sizes() -> tuple[int, int, int]:
     )
 
 
+def _weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError("model.path", f"no *.safetensors files in {path}")
+    return files
+
+
 def check_hf_folder(path: str | os.PathLike) -> None:
     """Everything about a checkpoint folder that can fail, without loading its weights: it exists,
     ``config.json`` reads as a supported model, the safetensors files hold the tensors that config
@@ -91,9 +98,7 @@ def check_hf_folder(path: str | os.PathLike) -> None:
     if not path.is_dir():
         raise CheckpointError("model.path", f"no such checkpoint folder: {path}")
     config = read_hf_config(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError("model.path", f"no *.safetensors files in {path}")
+    files = _weight_files(path)
     from safetensors import safe_open
 
     shapes = {}
@@ -123,9 +128,7 @@ def check_hf_folder(path: str | os.PathLike) -> None:
 
 
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError("model.path", f"no *.safetensors files in {path}")
+    files = _weight_files(path)
     weights = {}
     for file in files:
         weights.update(load_file(file))
