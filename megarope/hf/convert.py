@@ -136,7 +136,7 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, core_attention: str = "sdpa",
-            **config_overrides):
+            rope_fusion: str = "compile", **config_overrides):
     """A megatron-core ``GPTModel`` with megarope layers from a Hugging Face checkpoint folder.
 
     In a plain process (no torchrun) a one-rank process group is created (``parallel.destroy()``
@@ -145,7 +145,8 @@ def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, core_attent
     while the model is built and while it runs (or as long as the caller's ``parallel.initialize``
     keeps it on).
     ``rope`` overrides the checkpoint's RoPE configuration (e.g. to extend it); ``core_attention``
-    picks the attention kernel without Transformer Engine (see ``megarope.mcore.spec.layer_spec``).
+    picks the attention kernel without Transformer Engine and ``rope_fusion`` how RoPE is applied
+    (see ``megarope.mcore.spec.layer_spec``).
     """
     from megatron.core import parallel_state
 
@@ -156,13 +157,13 @@ def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, core_attent
     with compat.cpu_compat():
         if not parallel_state.model_parallel_is_initialized():
             parallel.initialize()
-        model = build_from_hf(path, rope, core_attention=core_attention, **config_overrides)
+        model = build_from_hf(path, rope, core_attention=core_attention, rope_fusion=rope_fusion, **config_overrides)
     model.eval()
     return compat.scoped_forward(model)
 
 
 def build_from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, core_attention: str = "sdpa",
-                  **config_overrides):
+                  rope_fusion: str = "compile", **config_overrides):
     """``from_hf`` under an already initialised parallel state (the training engine's path)."""
     from megarope.mcore.spec import gpt_model
     from megarope.mcore.weights import load_full_weights
@@ -177,6 +178,7 @@ def build_from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, core_
         max_sequence_length=config.max_position_embeddings,
         share_embeddings_and_output_weights=bool(config.tie_word_embeddings),
         core_attention=core_attention,
+        rope_fusion=rope_fusion,
     )
     load_full_weights(model, read_hf_weights(path))
     return model

@@ -1,9 +1,11 @@
-"""Core attention wrapper: per-position query scale and RoPE attention factor, then the real kernel.
+"""Core attention wrapper: RoPE with its attention factor and per-position query scale, then the real kernel.
 
 Plugged into megatron's layer spec at ``self_attention.submodules.core_attention``. It receives
-query/key/value after megatron applied the rotary embedding, multiplies the query by
+query/key/value before any rotation (megarope's rotary embedding hands megatron no angle table,
+see ``megarope.mcore.rotary``) and applies, in one fused function (``megarope.rope.fused.rope_qk``,
+compiled by default), the rotation at each token's GLOBAL position and the multipliers of the query
 
-- ``RopeConfig.query_scale`` at each token's GLOBAL position (entropy-aware ABF; the context
+- ``RopeConfig.query_scale`` at each token's global position (entropy-aware ABF; the context
   parallel chunk permutation and per-sequence resets of packed batches are followed), and
 - the square of the RoPE attention factor on the rotary dims (transformers multiplies cos and
   sin by it, which scales q.k on those dims by its square; megatron passes ``mscale`` only for
@@ -31,8 +33,9 @@ from megatron.core.transformer.module import MegatronModule
 
 from megarope.mcore.context_parallel import cp_attention, cp_local_indices
 from megarope.mcore.compat import compute_device
-from megarope.mcore.rotary import RopeStateMixin
+from megarope.mcore.rotary import CosSinCache, RopeStateMixin
 from megarope.rope.config import RopeConfig
+from megarope.rope.fused import rope_function
 
 
 def global_positions(
@@ -110,11 +113,16 @@ class SDPAAttention(MegatronModule):
 
 
 class MegaropeCoreAttention(RopeStateMixin, MegatronModule):
-    """Scales the query (see module doc) and delegates to ``inner``, built with megatron's kwargs."""
+    """Applies RoPE with its scales (see module doc) and delegates to ``inner``, built with megatron's kwargs.
+
+    ``tables``: the cos/sin cache shared by the model's layers (``wrap_core_attention`` gives every
+    layer of a spec the same one); ``rope_fusion``: ``"compile"`` or ``"eager"``
+    (``megarope.rope.fused.rope_function``).
+    """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, *, rope: RopeConfig,
-                 inner: type = SDPAAttention):
+                 inner: type = SDPAAttention, tables: CosSinCache | None = None, rope_fusion: str = "compile"):
         super().__init__(config=config)
         self.layer_number = layer_number
         if inner is DotProductAttention and config.context_parallel_size > 1:
@@ -129,11 +137,13 @@ class MegaropeCoreAttention(RopeStateMixin, MegatronModule):
         # within each document (no parameters: nothing changes in checkpoints)
         self.packed = SDPAAttention(**kwargs) if isinstance(self.inner, DotProductAttention) else None
         self.cp_group = pg_collection.cp if pg_collection is not None and hasattr(pg_collection, "cp") else None
+        self.tables = tables if tables is not None else CosSinCache()
+        self.rope_fn = rope_function(rope_fusion)
         self.set_rope(rope)
 
     def set_rope(self, rope: RopeConfig) -> None:
         self.rope = rope
-        self._multipliers: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._multipliers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _cp(self) -> tuple[int, int]:
         if self.cp_group is None:
@@ -144,43 +154,51 @@ class MegaropeCoreAttention(RopeStateMixin, MegatronModule):
             return 1, 0
         return self.cp_group.size(), self.cp_group.rank()
 
-    def multipliers(self, num_tokens: int, head_dim: int,
-                    cu_seqlens_padded=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """[tokens, head_dim] float32 multipliers of the local query and key tokens (None: identity).
+    @staticmethod
+    def _layout(num_tokens: int, cp_size: int, cu_seqlens_padded) -> tuple[tuple, int]:
+        """(cache key of the local tokens' layout, the sequence length RoPE sees): the whole
+        sequence for bshd, the longest (padded) document for thd, as megatron's rotary."""
+        if cu_seqlens_padded is None:
+            return (num_tokens, cp_size, None), num_tokens * cp_size
+        bounds = tuple(cu_seqlens_padded.tolist())
+        return (num_tokens, cp_size, bounds), max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+
+    def multipliers(self, num_tokens: int, cu_seqlens_padded=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q_rot, q_pass, k_rot) float32 [tokens] multipliers of the local query's rotary dims, its
+        other dims and the key's rotary dims (``megarope.rope.fused.rope_qk``).
 
         The attention factor a on cos/sin multiplies the rotary part of a logit by a(i)·a(j): a
         constant a is a² on the query alone; a per-position one (``n_hat_attention_factor`` False)
-        is a(i)·a on the query and a(j)/a on the key (1 past n̂, so only the first keys change)."""
+        is a(i)·a on the query and a(j)/a on the key (1 past n̂, so only the first keys change).
+        The entropy-aware query scale multiplies every dim of the query."""
         cp_size, cp_rank = self._cp()
-        key = (num_tokens, head_dim, cp_size, cp_rank,
-               None if cu_seqlens_padded is None else tuple(cu_seqlens_padded.tolist()))
+        layout, seq_len = self._layout(num_tokens, cp_size, cu_seqlens_padded)
+        key = (layout, cp_rank)
         if key in self._multipliers:
             return self._multipliers[key]
-        rope, factor = self.rope, self.rope.attention_factor()
-        scaled_layer = rope.has_query_scale and self.layer_number > rope.unscaled_layers
-        per_position = factor != 1.0 and rope.method.n_hat and not rope.n_hat_attention_factor
-        q_mult = k_mult = None
-        if factor != 1.0 or scaled_layer:
-            positions = global_positions(num_tokens * cp_size, cp_size, cp_rank, cu_seqlens_padded)
-            rot = rope.rotary_dim
-            if per_position:
-                a = rope.position_attention_factor(positions, seq_len=num_tokens * cp_size)
-                q_rot, k_rot = a * factor, a / factor
-            else:
-                q_rot, k_rot = torch.full((num_tokens,), factor**2, dtype=torch.float64), None
-            q = torch.ones(num_tokens, head_dim, dtype=torch.float64)
-            q[:, :rot] = q_rot[:, None]
-            if scaled_layer:
-                q *= rope.query_scale(positions, self.layer_number).double()[:, None]
-            q_mult = q.float().to(compute_device())
-            if k_rot is not None:
-                k = torch.ones(num_tokens, head_dim, dtype=torch.float64)
-                k[:, :rot] = k_rot[:, None]
-                k_mult = k.float().to(compute_device())
+        rope, factor = self.rope, self.rope.attention_factor(seq_len)
+        positions = global_positions(num_tokens * cp_size, cp_size, cp_rank, cu_seqlens_padded)
+        if factor != 1.0 and rope.method.n_hat and not rope.n_hat_attention_factor:
+            a = rope.position_attention_factor(positions, seq_len=seq_len)
+            q_rot, k_rot = a * factor, a / factor
+        else:
+            q_rot, k_rot = torch.full((num_tokens,), factor**2, dtype=torch.float64), torch.ones(num_tokens)
+        q_pass = rope.query_scale(positions, self.layer_number).double()
+        device = compute_device()
+        out = tuple(t.float().to(device) for t in (q_rot * q_pass, q_pass, k_rot))
         if len(self._multipliers) > 8:
             self._multipliers.clear()
-        self._multipliers[key] = (q_mult, k_mult)
-        return q_mult, k_mult
+        self._multipliers[key] = out
+        return out
+
+    def cos_sin(self, num_tokens: int, cu_seqlens_padded=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos and sin [tokens, rotary_dim/2] of the local tokens (global positions)."""
+        cp_size, cp_rank = self._cp()
+        layout, seq_len = self._layout(num_tokens, cp_size, cu_seqlens_padded)
+        return self.tables.get(
+            self.rope, (layout, cp_rank),
+            lambda: global_positions(num_tokens * cp_size, cp_size, cp_rank, cu_seqlens_padded),
+            seq_len, compute_device())
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -190,12 +208,10 @@ class MegaropeCoreAttention(RopeStateMixin, MegatronModule):
             cu = packed_seq_params.cu_seqlens_q_padded
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
-        q_mult, k_mult = self.multipliers(query.shape[0], query.shape[-1], cu)
-        shape = (query.shape[0], 1, query.shape[-1]) if thd else (query.shape[0], 1, 1, query.shape[-1])
-        if q_mult is not None:
-            query = query * q_mult.view(shape).to(device=query.device, dtype=query.dtype)
-        if k_mult is not None:
-            key = key * k_mult.view(shape).to(device=key.device, dtype=key.dtype)
+        n = query.shape[0]
+        cos, sin = (t.to(query.device) for t in self.cos_sin(n, cu))
+        q_rot, q_pass, k_rot = (t.to(query.device) for t in self.multipliers(n, cu))
+        query, key = self.rope_fn(query, key, cos, sin, q_rot, q_pass, k_rot, self.config.rotary_interleaved)
         inner = self.packed if thd and self.packed is not None else self.inner
         return inner(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                      attention_bias=attention_bias, packed_seq_params=packed_seq_params)

@@ -6,8 +6,12 @@ in three ways: angles come from ``RopeConfig.angles`` (float64, reduced modulo 2
 with context parallelism only this rank's positions are built (megatron builds the whole table
 and slices it); and it never touches CUDA when there is none.
 
-The attention factor (megatron's ``mscale``) is not applied here: megatron reads ``mscale`` only
-from YaRN config fields, so ``MegaropeCoreAttention`` applies it to the query instead.
+In a megarope model (``megarope.mcore.spec.install_rope`` next to ``MegaropeCoreAttention``)
+``forward`` returns None, so megatron's attention skips its own ``apply_rotary_pos_emb``: the core
+attention rotates q and k itself, with the attention factor and the query scale, in one fused
+function (``megarope.rope.fused``), from cos/sin tables that :class:`CosSinCache` builds once per
+forward shape for all layers (megatron's path recomputes cos/sin from the angles in every layer,
+for q and for k). Standalone, ``forward`` is megatron's drop-in and returns the angle table.
 """
 
 from __future__ import annotations
@@ -48,14 +52,38 @@ class RopeStateMixin:
         self.set_rope(RopeConfig.from_dict(state["rope"]))
 
 
+class CosSinCache:
+    """float32 cos and sin [tokens, rotary_dim/2] of the local tokens' angles, shared by the
+    layers of a model (one object per layer spec), a few shapes at a time."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, rope: RopeConfig, key: tuple, positions, seq_len: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions()`` gives the global positions of the tokens ``key`` stands for (called on a miss)."""
+        full_key = (rope, key, seq_len, device)
+        if full_key not in self._entries:
+            if len(self._entries) >= _CACHE_SIZE:
+                self._entries.pop(next(iter(self._entries)))
+            angles = rope.angles(positions().to(device), seq_len=seq_len)
+            self._entries[full_key] = (torch.cos(angles), torch.sin(angles))
+        return self._entries[full_key]
+
+
 class MegaropeRotaryEmbedding(RopeStateMixin, RotaryEmbedding):
-    """Drop-in replacement for megatron's ``RotaryEmbedding`` (``GPTModel.rotary_pos_emb``)."""
+    """Drop-in replacement for megatron's ``RotaryEmbedding`` (``GPTModel.rotary_pos_emb``).
+
+    ``applied_in_attention``: the core attention applies RoPE (``MegaropeCoreAttention``), so
+    ``forward`` returns None and megatron's attention applies nothing.
+    """
 
     def __init__(
         self,
         rope: RopeConfig,
         rotary_interleaved: bool = False,
         cp_group: torch.distributed.ProcessGroup | None = None,
+        applied_in_attention: bool = False,
     ) -> None:
         super().__init__(
             kv_channels=rope.head_dim,
@@ -66,6 +94,7 @@ class MegaropeRotaryEmbedding(RopeStateMixin, RotaryEmbedding):
             cp_group=cp_group,
         )
         self._cache: dict[tuple, torch.Tensor] = {}
+        self.applied_in_attention = applied_in_attention
         self.set_rope(rope)
 
     def set_rope(self, rope: RopeConfig) -> None:
@@ -89,7 +118,9 @@ class MegaropeRotaryEmbedding(RopeStateMixin, RotaryEmbedding):
         offset: int = 0,
         packed_seq: bool = False,
         cp_group: torch.distributed.ProcessGroup | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
+        if self.applied_in_attention:
+            return None
         cp_group = cp_group if cp_group is not None else self.cp_group
         cp_size = cp_group.size() if cp_group is not None else 1
         cp_rank = cp_group.rank() if cp_group is not None else 0

@@ -34,6 +34,10 @@ class ModelConfig:
     # scaled_dot_product_attention, memory linear in length) or "local" (megatron's
     # DotProductAttention, which materialises [heads, s, s] scores: the plain reference)
     core_attention: str = "sdpa"
+    # how RoPE (rotation, attention factor, query scale) is applied: "compile" (one fused function
+    # through torch.compile; falls back to eager, with a log line, where compilation fails) or
+    # "eager" (the same function in plain torch)
+    rope_fusion: str = "compile"
 
 
 @dataclass
@@ -237,6 +241,8 @@ def _check_model(cfg: Config, need) -> None:
          f"offline or online, got {cfg.log.wandb_mode!r}")
     need(cfg.model.core_attention in ("sdpa", "local"), "model.core_attention",
          f"one of sdpa|local, got {cfg.model.core_attention!r}")
+    need(cfg.model.rope_fusion in ("compile", "eager"), "model.rope_fusion",
+         f"one of compile|eager, got {cfg.model.rope_fusion!r}")
     if cfg.model.path is not None:
         from megarope.hf.convert import CheckpointError, check_hf_folder
 

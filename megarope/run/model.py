@@ -39,13 +39,13 @@ def build_model(cfg: Config, rope: RopeConfig, vocab_size: int):
         dict(params_dtype=torch.float32, pipeline_dtype=torch.float32)
     if cfg.model.path:
         return build_from_hf(cfg.model.path, rope, core_attention=cfg.model.core_attention,
-                             sequence_parallel=cfg.parallel.sp, **precision)
+                             rope_fusion=cfg.model.rope_fusion, sequence_parallel=cfg.parallel.sp, **precision)
     hf = tiny_hf_config(cfg, vocab_size)
     tconfig = transformer_config_from_hf(hf, init_method_std=cfg.model.init_std, sequence_parallel=cfg.parallel.sp,
                                          **precision)
     # positions are the RoPE's business (megarope's tables have no fixed length): no cap from the window
     model = gpt_model(tconfig, rope, vocab_size=hf.vocab_size, max_sequence_length=1 << 22,
-                      core_attention=cfg.model.core_attention)
+                      core_attention=cfg.model.core_attention, rope_fusion=cfg.model.rope_fusion)
     load_full_weights(model, initial_weights(model, cfg.train.seed, cfg.model.init_std))
     mask_padded_logits(model, vocab_size)
     return model
