@@ -61,7 +61,7 @@ class SDPAAttention(MegatronModule):
     k/v [s, b, h_kv, d], output [s, b, h·d]; causal unless an ``attention_mask`` is given (megatron's
     convention, True = masked out, which then replaces the causal mask as in the local attention).
     Packed (thd) batches attend within each sequence; context parallelism (CP > 1) goes through the
-    torch-native fallback ``megarope.mcore.context_parallel.cp_attention``, which is SDPA per chunk.
+    torch-native fallback ``megarope.mcore.context_parallel.cp_attention``, a ring of flash-attention blocks.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,

@@ -6,23 +6,27 @@ Each rank then does the same amount of causal attention work. Packed (thd) batch
 per sequence, after padding every sequence to a multiple of 2·cp. Anything position-dependent
 (RoPE angles, per-position query scales) must use the global positions these functions return.
 
-Attention. `cp_attention` is the CPU/gloo fallback used where Transformer Engine (GPU-only) is
-absent; it is not a replacement for TE's CP attention. Two alternatives were rejected:
+Attention. `cp_attention` is the fallback used where Transformer Engine (GPU-only) is absent; it is
+not a replacement for TE's CP attention. It is a ring: each rank keeps its own queries; the K/V
+blocks travel around the CP group with p2p sends (``isend``/``irecv``, gloo or NCCL), the next
+block's transfer overlapping the current block's attention. Each (query chunk, key chunk) block
+that the causal mask does not hide entirely (same sequence; key chunk before the query chunk, or
+the same chunk with a causal mask) goes through a flash-attention kernel that returns its
+log-sum-exp (on CPU ``aten._scaled_dot_product_flash_attention_for_cpu``, which takes grouped K/V
+as they are; elsewhere a plain-torch block), and the blocks merge with the online-softmax rule in
+float32. The backward is the same ring again: the flash backward of each block, fed the merged
+output and log-sum-exp, gives that block's exact share of dQ, dK and dV; the dK/dV of a block travel
+with it and reach their owner after the last step. Nothing is recomputed and nothing is gathered:
+per rank, memory is O(S/cp) (its q/k/v/output, one K/V block in flight, float32 accumulators).
+Packed (thd) batches follow the same rule per sequence. Attention dropout needs CP = 1 (dropout on
+whole softmax rows does not commute with merging partial ones). Without CP (one rank) it is one
+causal SDPA call per sequence.
 
-- ``torch.distributed.tensor.experimental.context_parallel`` (torch 2.13) fails on CPU: it only
-  ring-shards the CUDA flash/efficient/cuDNN SDPA kernels, and CPU SDPA dispatches to
-  ``aten._scaled_dot_product_flash_attention_for_cpu``, which has no DTensor sharding strategy. It
-  also patches SDPA globally and resizes the input buffers in place.
-- A hand-written ring (p2p K/V blocks, log-sum-exp merge, reverse ring for dK/dV) keeps only two
-  K/V blocks per rank, but its custom backward is the complicated part to get right.
-
-Instead each rank all-gathers K and V (`_AllGather`, with the long-stable list ``all_gather``:
-torch's autograd-aware gathers are deprecated or private and differ between 2.11 and 2.13)
-and attends with its local queries, chunk by chunk, to the causal prefix of the gathered keys.
-Autograd makes the backward correct by construction. Memory trade-off: every rank holds the whole
-sequence's K and V (S·b·h_kv·(d_k+d_v) elements, kept for backward) instead of S/cp, and CPU SDPA
-materialises a chunk × prefix mask; fine for the small CPU models this path serves, not for long
-contexts.
+``torch.distributed.tensor.experimental.context_parallel`` (torch 2.13) was rejected: it fails on
+CPU (it only ring-shards the CUDA flash/efficient/cuDNN SDPA kernels; CPU SDPA dispatches to
+``aten._scaled_dot_product_flash_attention_for_cpu``, which has no DTensor sharding strategy), and
+it patches SDPA globally and resizes the input buffers in place. An earlier version of this module
+all-gathered K and V: O(S) memory per rank.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 def _check_cp(cp_size: int, cp_rank: int) -> None:
@@ -154,31 +157,149 @@ def pack_thd(batch: Mapping[str, Any], cp_size: int = 1, cp_rank: int = 0, cp_gr
     return {k: v[None] for k, v in local.items()}, params
 
 
-class _AllGather(torch.autograd.Function):
-    """All-gather along dim 0; the backward sums every rank's gradient of this rank's part."""
+def _segments(bounds: list[int], cp_size: int, cp_rank: int) -> list[tuple[int, int, int, int]]:
+    """(local start, length, sequence, chunk id) of the token runs CP rank ``cp_rank`` holds, in its
+    local order (the layout of :func:`cp_local_indices_thd`; one sequence for bshd)."""
+    segments, start, n_chunks = [], 0, 2 * cp_size
+    for seq, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        chunk = (b - a) // n_chunks
+        if chunk == 0:
+            continue
+        for chunk_id in (cp_rank, n_chunks - 1 - cp_rank):
+            segments.append((start, chunk, seq, chunk_id))
+            start += chunk
+    return segments
+
+
+def _pairs(q_segments, k_segments, causal: bool):
+    """(query slice, key slice, diagonal) of every block of scores that is not all masked: same
+    sequence, and with a causal mask a key chunk before the query chunk (all visible) or the same
+    chunk (causal within it)."""
+    keys: dict[int, list] = {}
+    for start, length, seq, chunk_id in k_segments:
+        keys.setdefault(seq, []).append((slice(start, start + length), chunk_id))
+    for start, length, seq, q_chunk in q_segments:
+        for k_slice, k_chunk in keys.get(seq, ()):
+            if not causal or k_chunk < q_chunk:
+                yield slice(start, start + length), k_slice, False
+            elif k_chunk == q_chunk:
+                yield slice(start, start + length), k_slice, True
+
+
+def _block_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, log-sum-exp [b, h, s_q] float32) of one block; q [b, h, s_q, d], k/v [b, h_kv, s_k, d]."""
+    if q.device.type == "cpu":
+        # torch's CPU flash kernel: memory linear in the block, grouped K/V taken as they are
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    scores = _scores(q, k, causal, scale)
+    lse = scores.logsumexp(-1)
+    return (torch.exp(scores - lse[..., None]) @ _repeat(v, q).float()).to(q.dtype), lse
+
+
+def _block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    """(dq, dk, dv) of one block given the MERGED output and log-sum-exp of the query rows: the
+    flash-attention backward then gives each block's exact share of the gradient."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+    probs = torch.exp(_scores(q, k, causal, scale) - lse[..., None])
+    dout, v_rep = dout.float(), _repeat(v, q).float()
+    dv = probs.transpose(-1, -2) @ dout
+    dscores = probs * (dout @ v_rep.transpose(-1, -2) - (dout * out.float()).sum(-1, keepdim=True)) * scale
+    dq, dk = dscores @ _repeat(k, q).float(), dscores.transpose(-1, -2) @ q.float()
+    groups = q.shape[1] // k.shape[1]
+    dk, dv = (t.unflatten(1, (k.shape[1], groups)).sum(2) for t in (dk, dv))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _repeat(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return kv.repeat_interleave(q.shape[1] // kv.shape[1], dim=1)
+
+
+def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
+    """float32 [b, h, s_q, s_k] scaled scores (the non-CPU block kernel: plain torch)."""
+    scores = (q.float() @ _repeat(k, q).float().transpose(-1, -2)) * scale
+    if causal:
+        hidden = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return scores
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Online softmax: fold a block's (out, lse) into the running float32 ones, in place."""
+    new = torch.logaddexp(lse, block_lse)
+    out.mul_(torch.exp(lse - new)[..., None]).add_(block_out.float() * torch.exp(block_lse - new)[..., None])
+    lse.copy_(new)
+
+
+def _shift(send: list[torch.Tensor], group, tag: int) -> tuple[list[torch.Tensor], list]:
+    """Start sending ``send`` to the next CP rank and receiving the previous rank's; (buffers, requests)."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    peer = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+    recv = [torch.empty_like(t) for t in send]
+    requests = [dist.isend(t, peer((rank + 1) % size), group=group, tag=tag + i) for i, t in enumerate(send)]
+    requests += [dist.irecv(t, peer((rank - 1) % size), group=group, tag=tag + i) for i, t in enumerate(recv)]
+    return recv, requests
+
+
+class _RingAttention(torch.autograd.Function):
+    """Ring attention over the CP group; q/k/v [b, h(_kv), s_local, d] contiguous, this rank's tokens.
+
+    Forward: step i holds the K/V block of rank r-i (its own first), starts passing it on, and
+    merges the scores blocks it can see. Backward: the same ring again, with the dK/dV of the held
+    block travelling along with it; after the last step they reach their owner.
+    """
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        # The list form: torch 2.13 deprecates all_gather_into_tensor for a name 2.11 lacks.
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, local.contiguous(), group=group)
-        return torch.cat(parts)
+    def forward(ctx, q, k, v, group, bounds, causal, scale):
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        mine = _segments(bounds, size, rank)
+        out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        block_k, block_v = k, v
+        for step in range(size):
+            if step < size - 1:
+                (next_k, next_v), requests = _shift([block_k, block_v], group, tag=2 * step)
+            for qs, ks, diagonal in _pairs(mine, _segments(bounds, size, (rank - step) % size), causal):
+                block_out, block_lse = _block_forward(q[:, :, qs], block_k[:, :, ks], block_v[:, :, ks],
+                                                      diagonal, scale)
+                _merge(out[:, :, qs], lse[:, :, qs], block_out, block_lse)
+            if step < size - 1:
+                for request in requests:
+                    request.wait()
+                block_k, block_v = next_k, next_v
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.bounds, ctx.causal, ctx.scale = group, bounds, causal, scale
+        return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # all_reduce + slice rather than reduce_scatter, which older gloo builds lack.
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
-        part = grad.shape[0] // dist.get_world_size(ctx.group)
-        return grad.narrow(0, dist.get_rank(ctx.group) * part, part), None
-
-
-def _to_global_order(local: torch.Tensor, global_index: torch.Tensor, cp_group) -> torch.Tensor:
-    """All-gather ``local`` (sequence on dim 0) and put its rows in global sequence order."""
-    order = torch.empty_like(global_index)
-    order[global_index] = torch.arange(global_index.numel())
-    return _AllGather.apply(local, cp_group).index_select(0, order.to(local.device))
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, bounds = ctx.group, ctx.bounds
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        mine = _segments(bounds, size, rank)
+        dout = dout.contiguous()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        block_k, block_v = k, v
+        block_dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        block_dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for step in range(size):
+            requests = []
+            if step < size - 1:
+                (next_k, next_v), requests = _shift([block_k, block_v], group, tag=4 * step)
+            for qs, ks, diagonal in _pairs(mine, _segments(bounds, size, (rank - step) % size), ctx.causal):
+                gq, gk, gv = _block_backward(dout[:, :, qs], q[:, :, qs], block_k[:, :, ks], block_v[:, :, ks],
+                                             out[:, :, qs], lse[:, :, qs], diagonal, ctx.scale)
+                dq[:, :, qs] += gq
+                block_dk[:, :, ks] += gk
+                block_dv[:, :, ks] += gv
+            (block_dk, block_dv), grad_requests = _shift([block_dk, block_dv], group, tag=4 * step + 2)
+            for request in requests + grad_requests:
+                request.wait()
+            if step < size - 1:
+                block_k, block_v = next_k, next_v
+        return dq.to(q.dtype), block_dk.to(k.dtype), block_dv.to(v.dtype), None, None, None, None
 
 
 def cp_attention(
@@ -191,16 +312,16 @@ def cp_attention(
     cu_seqlens_padded: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Attention of this CP rank's queries over the whole sequence (CPU fallback, see module doc).
+    """Attention of this CP rank's queries over the whole sequence (ring fallback, see module doc).
 
     bshd: q [s_local, b, h, d], k [s_local, b, h_kv, d], v [s_local, b, h_kv, d_v] in the
     load-balanced layout (megatron's sbhd order); returns [s_local, b, h, d_v].
     thd: pass ``cu_seqlens_padded`` (global cumulative lengths of the padded sequences) and q/k/v [t_local, h(_kv), d];
     attention stays within each sequence; returns [t_local, h, d_v].
-    GQA: h_kv must divide h. ``dropout_p``: attention dropout (each query chunk is one SDPA call
-    over all keys it sees, so this is dropout on its whole softmax row). ``cp_group`` None means
-    the default group, or no CP when torch.distributed is not initialised. Every rank of ``cp_group`` must call this (and its
-    backward) together.
+    GQA: h_kv must divide h. ``dropout_p``: attention dropout, without CP only (the ring merges
+    partial softmaxes, which dropout on whole rows does not commute with). ``cp_group`` None means
+    the default group, or no CP when torch.distributed is not initialised. Every rank of ``cp_group``
+    must call this (and its backward) together.
     """
     thd = cu_seqlens_padded is not None
     if q.dim() != (3 if thd else 4) or k.dim() != q.dim() or v.dim() != q.dim():
@@ -218,7 +339,6 @@ def cp_attention(
         q, k, v = (t.unsqueeze(1) for t in (q, k, v))
     distributed = dist.is_available() and dist.is_initialized()
     cp_size = dist.get_world_size(cp_group) if distributed else 1
-    cp_rank = dist.get_rank(cp_group) if distributed else 0
 
     local_len = q.shape[0]
     bounds = [int(x) for x in cu_seqlens_padded.tolist()] if thd else [0, local_len * cp_size]
@@ -227,47 +347,20 @@ def cp_attention(
             f"cu_seqlens_padded ends at {bounds[-1]} tokens but cp={cp_size} ranks hold "
             f"{local_len} each"
         )
-    if cp_size > 1:
-        if thd:
-            per_rank = [cp_local_indices_thd(cu_seqlens_padded, cp_size, r) for r in range(cp_size)]
-        else:
-            per_rank = [cp_local_indices(bounds[-1], cp_size, r) for r in range(cp_size)]
-        global_index = torch.cat(per_rank)
-        k = _to_global_order(k, global_index, cp_group)
-        v = _to_global_order(v, global_index, cp_group)
-    # Without CP a sequence is one chunk; with CP this rank holds two of its 2*cp chunks.
-    n_chunks = 2 * cp_size if cp_size > 1 else 1
-    chunk_ids = (cp_rank, n_chunks - 1 - cp_rank) if cp_size > 1 else (0,)
-
-    # SDPA wants [b, h, s, d].
+    # attention kernels want [b, h, s, d]
     q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-    outputs = []
-    local_start = 0
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        chunk = (end - start) // n_chunks
-        if chunk == 0:
-            continue
-        for i, chunk_id in enumerate(chunk_ids):
-            q_chunk = q[:, :, local_start + i * chunk : local_start + (i + 1) * chunk]
-            # A query chunk sees all earlier chunks, and itself causally (lower-right aligned).
-            key_end = start + (chunk_id + 1) * chunk if causal else end
-            # A square causal block (the whole sequence without CP) goes as is_causal: a CausalBias
-            # there makes torch 2.13's CPU SDPA allocate O(s^2) (measured 32 MiB at 2048 tokens,
-            # 1 MiB with is_causal).
-            square = causal and key_end - start == chunk
-            mask = causal_lower_right(chunk, key_end - start) if causal and not square else None
-            outputs.append(
-                F.scaled_dot_product_attention(
-                    q_chunk,
-                    k[:, :, start:key_end],
-                    v[:, :, start:key_end],
-                    attn_mask=mask,
-                    dropout_p=dropout_p,
-                    is_causal=square,
-                    scale=softmax_scale,
-                    enable_gqa=True,
-                )
-            )
-        local_start += len(chunk_ids) * chunk
-    out = torch.cat(outputs, dim=2).permute(2, 0, 1, 3)
+    if cp_size == 1:  # one causal SDPA call per sequence, autograd through torch's own kernel
+        out = torch.cat([
+            F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout_p,
+                                           is_causal=causal, scale=softmax_scale, enable_gqa=True)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+        ], dim=2)
+    else:
+        if dropout_p:
+            raise ValueError("attention dropout with context parallelism is not supported by megarope's ring "
+                             "fallback; set attention_dropout=0 (or use Transformer Engine)")
+        scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        out = _RingAttention.apply(q, k, v, cp_group, bounds, causal, scale)
+    out = out.permute(2, 0, 1, 3)
     return out.squeeze(1) if thd else out
