@@ -6,6 +6,8 @@ Row kinds, told apart by ``stage`` (required keys; code outside this repository 
   ``loss``, ``lr``, ``tokens_per_s``;
 * ``"eval"``: ``method``, ``length``, ``ppl``, ``run_stage`` (the pipeline stage that evaluated);
   optional ``num_docs`` (documents per length), ``tokens`` (scored tokens), ``dataset``, ``step``;
+  past the model's window also ``window``, ``ppl_window`` (tokens with index < window) and
+  ``ppl_beyond`` (the rest: the beyond-window perplexity), from the same forward;
 * ``"passkey"``: ``method``, ``length``, ``depth``, ``accuracy`` (share in [0, 1]), ``run_stage``;
   optional ``num_samples`` (samples at this length and depth);
 * ``"search"``: ``generation``, ``best_ppl``, ``mean_ppl``; optional ``run_stage``, ``method``,

@@ -138,12 +138,17 @@ class Engine:
         with decoder_output(self.model):
             hidden = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed)
 
+        # a sample's optional part_mask picks a part of its scored tokens (the eval's tokens past the
+        # window) whose sums come from the same forward: a long forward is the costly thing to repeat
+        part = batch.get("part_mask")
+        part = mask * part.float() if part is not None else torch.zeros_like(mask)
+
         def loss_func(output):
             nll, predictions = token_nll_and_argmax(self.model, output, batch["labels"], predict=mask > 0)
             wrong = wrong_tokens(predictions, batch["labels"], mask).sum()
-            stats = torch.cat([self._masked_sums(nll, mask), wrong.view(1)])
+            stats = torch.cat([self._masked_sums(nll, mask), wrong.view(1), self._masked_sums(nll, part)])
             if self.cp_size > 1:
-                dist.all_reduce(stats[2:], group=parallel_state.get_context_parallel_group())
+                dist.all_reduce(stats[2:3], group=parallel_state.get_context_parallel_group())
             return stats[0], {"stats": stats.detach().clone()}
 
         return hidden, loss_func
@@ -172,13 +177,14 @@ class Engine:
 
     @torch.no_grad()
     def score(self, samples: list[dict], split_over_dp: bool = True) -> torch.Tensor:
-        """[n, 3] float64 per sample: summed NLL over its loss mask, masked token count, and the
-        number of masked positions whose argmax is not the label. With ``split_over_dp`` samples are
+        """[n, 5] float64 per sample: summed NLL over its loss mask, masked token count, the
+        number of masked positions whose argmax is not the label, and summed NLL and token count
+        over the masked positions its ``part_mask`` (optional, like ``loss_mask``) also marks. With ``split_over_dp`` samples are
         spread round-robin over the data-parallel replicas and every rank gets every row; without,
         this replica scores them all and only its ranks take part."""
         self.model.eval()
         mine = list(range(self.dp_rank, len(samples), self.dp_size)) if split_over_dp else list(range(len(samples)))
-        rows = torch.zeros(len(samples), 3, dtype=torch.float64)
+        rows = torch.zeros(len(samples), 5, dtype=torch.float64)
         if mine:
             out = self._run(self._eval_forward, [samples[i] for i in mine], forward_only=True)
             if _is_reporting_rank():

@@ -64,6 +64,9 @@ def test_engine_score_equals_full_logits():
     answer = torch.zeros(SEQ + 1)
     answer[-6:] = 1  # a passkey-like mask: the last five labels only
     samples = [lm_sample(rows[0]), lm_sample(rows[1], answer)]
+    # the eval's beyond-window split: a part of the scored tokens, summed from the same forward
+    for sample in samples:
+        sample["part_mask"] = (sample["position_ids"] >= SEQ - 8).float()
     scores = engine.score(samples)
     for sample, row in zip(samples, scores):
         with torch.no_grad():
@@ -73,6 +76,10 @@ def test_engine_score_equals_full_logits():
         assert abs(row[0].item() - (nll * mask).sum().item()) <= 1e-5 * max(1.0, row[0].item())
         assert row[1].item() == mask.sum().item()
         assert row[2].item() == ((argmax != sample["labels"]).float() * mask).sum().item()
+        part = mask * sample["part_mask"]
+        assert abs(row[3].item() - (nll * part).sum().item()) <= 1e-5 * max(1.0, row[3].item())
+        # the whole answer of the second sample lies in the last 8 positions
+        assert row[4].item() == part.sum().item() == (8 if sample is samples[0] else mask.sum().item())
     # model.core_attention=local reaches the model: megatron's local attention, same scores
     from megarope.mcore.attention import SDPAAttention
     from megatron.core.transformer.dot_product_attention import DotProductAttention

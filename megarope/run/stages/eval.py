@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
+
+import torch
 
 from megarope.data.config import DataError
 from megarope.data.samples import eval_documents, lm_sample
@@ -40,17 +43,34 @@ def check(ctx: StageContext) -> None:
     ctx.run.checked.add(key)
 
 
+def _ppl(nll: torch.Tensor, count: torch.Tensor) -> float:
+    return math.exp(nll.sum().item() / max(count.sum().item(), 1.0))
+
+
 def _perplexity(ctx: StageContext, engine) -> dict:
-    cfg, name = ctx.cfg, ctx.stage.name
+    """Perplexity per length; past the model's window also split, from the same forward, into the
+    tokens inside the window (``ppl_window``: token index < window) and beyond it (``ppl_beyond``),
+    the papers' beyond-window perplexity, which the whole-sequence mean dilutes."""
+    cfg, name, window = ctx.cfg, ctx.stage.name, ctx.run.window
     docs = load_documents(cfg.data, "eval")
     table = {}
     for length in cfg.eval.lengths:
         used: list = []
         rows = eval_documents(docs, ctx.tokenizer, length + 1, cfg.eval.num_docs, cfg.data.text_key, used)
-        table[length] = engine.perplexity(lm_sample(row) for row in rows)
-        ctx.metrics.write({"stage": "eval", "run_stage": name, "method": name, "length": length,
-                           "ppl": table[length], "num_docs": len(rows), "split": "eval", "docs": used})
-        log.info("%s length %d ppl %.3f", name, length, table[length])
+        samples = [lm_sample(row) for row in rows]
+        for sample in samples:
+            # label j is token j + 1 of the document
+            sample["part_mask"] = (sample["position_ids"] + 1 >= window).float()
+        scores = engine.score(samples)
+        table[length] = _ppl(scores[:, 0], scores[:, 1])
+        row = {"stage": "eval", "run_stage": name, "method": name, "length": length, "ppl": table[length],
+               "num_docs": len(rows), "split": "eval", "docs": used}
+        if length > window:
+            row.update(window=window, ppl_window=_ppl(scores[:, 0] - scores[:, 3], scores[:, 1] - scores[:, 4]),
+                       ppl_beyond=_ppl(scores[:, 3], scores[:, 4]))
+        ctx.metrics.write(row)
+        log.info("%s length %d ppl %.3f%s", name, length, table[length],
+                 f" (window {row['ppl_window']:.3f}, beyond {row['ppl_beyond']:.3f})" if "ppl_beyond" in row else "")
     return table
 
 
