@@ -34,6 +34,9 @@ class DataConfig:
     # share of the held-out documents (by hash) in the "fitness" split the LongRoPE search scores on;
     # the rest is the "eval" split, so a searched result is measured on documents it was not chosen on
     fitness_fraction: float = 0.5
+    # lm only: share of the training samples that are synthetic passkey-retrieval sequences
+    # (megarope.data.retrieval), so a small model learns to attend across its whole window
+    retrieval_share: float = 0.0
 
 
 def check_config(cfg: DataConfig) -> None:
@@ -52,6 +55,11 @@ def check_config(cfg: DataConfig) -> None:
         raise DataError("data.eval_fraction", f"expected a value in [0, 1), got {cfg.eval_fraction!r}")
     if not 0.0 < cfg.fitness_fraction < 1.0:
         raise DataError("data.fitness_fraction", f"expected a value in (0, 1), got {cfg.fitness_fraction!r}")
+    if not 0.0 <= cfg.retrieval_share < 1.0:
+        raise DataError("data.retrieval_share", f"expected a share in [0, 1), got {cfg.retrieval_share!r}")
+    if cfg.retrieval_share and cfg.kind != "lm":
+        raise DataError("data.retrieval_share", f"applies to kind='lm' only (got kind={cfg.kind!r}): "
+                        "conversations are trained on their assistant turns")
     if cfg.reset_position_ids and (cfg.kind, cfg.mode) != ("lm", "packed"):
         raise DataError("data.reset_position_ids", "True applies to kind='lm', mode='packed' only "
                         f"(got kind={cfg.kind!r}, mode={cfg.mode!r}): other samples hold one document each")

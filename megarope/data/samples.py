@@ -8,6 +8,10 @@ One sample (``s = seq_len``)::
     loss_mask     float32 [s]    1 on the labels that are trained on, 0 on padding
     position_ids  int64   [s]
     cu_seqlens    int32   [n+1]  packed LM with reset_position_ids only: document starts in the sample
+
+With ``data.retrieval_share`` r > 0 (LM only), synthetic retrieval sequences
+(:class:`megarope.data.retrieval.RetrievalSamples`, filler cut from the split's own windows) follow
+the text samples: N text samples become N + round(N·r/(1−r)), a share r of them retrieval.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from megarope.data.chat import messages, render_conversation
 from megarope.data.config import DataConfig, DataError, check_config
+from megarope.data.retrieval import RetrievalSamples
 from megarope.data.sources import content_column, load_documents
 from megarope.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -118,7 +123,7 @@ class RowSamples(torch.utils.data.Dataset):
         }
 
 
-Samples = Union[PackedSamples, RowSamples]
+Samples = Union[PackedSamples, RowSamples, torch.utils.data.ConcatDataset]
 
 
 def _row(ids: Sequence[int], flags: Sequence[bool], s: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +206,14 @@ def build_samples(cfg: DataConfig, split: str = "train", tokenizer: Optional[Tok
     if cfg.kind == "sft":
         return _sft(ds, column, tok, cfg, split)
     docs = _token_docs(ds, column, tok, cfg.min_tokens)
-    return _packed(docs, cfg, split) if cfg.mode == "packed" else _truncated(docs, cfg, tok.pad_id, split)
+    text = _packed(docs, cfg, split) if cfg.mode == "packed" else _truncated(docs, cfg, tok.pad_id, split)
+    if not cfg.retrieval_share:
+        return text
+    count = round(len(text) * cfg.retrieval_share / (1 - cfg.retrieval_share))
+    # the filler is cut from the text samples; the shuffling sampler interleaves the two kinds
+    retrieval = RetrievalSamples(tok, text, cfg.seq_len, count, cfg.seed,
+                                 packed=cfg.mode == "packed" and cfg.reset_position_ids)
+    return torch.utils.data.ConcatDataset([text, retrieval])
 
 
 def lm_sample(tokens: torch.Tensor, loss_mask: torch.Tensor | None = None) -> dict:

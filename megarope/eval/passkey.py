@@ -3,8 +3,9 @@
 
     <BOS>{TASK}\\n{filler ...}\\n{KEY_LINE}\\n{filler ...}\\n{QUESTION} {passkey}
 
-The filler is ``FILLER`` repeated; the key line sits at a relative ``depth`` of the filler (0: right
-after the task, 1: right before the question). A sample is exactly ``length`` tokens: the pieces are
+The template's strings are ``megarope.data.retrieval``'s, which pre-training's synthetic retrieval
+sequences share (with other filler and keys). The filler is ``FILLER`` repeated; the key line sits
+at a relative ``depth`` of the filler (0: right after the task, 1: right before the question). A sample is exactly ``length`` tokens: the pieces are
 encoded separately and the filler is cut or extended at token level, so the length is exact for
 any tokenizer. BOS comes first where the tokenizer has one (as in ``megarope.data.samples``).
 
@@ -23,17 +24,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megarope.data.retrieval import DIGITS, prompt_pieces, random_key
 from megarope.data.samples import lm_sample
 from megarope.data.tokenizer import Tokenizer
 from megarope.errors import MegaropeError
 
-TASK = (
-    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-    "I will quiz you about the important information there."
-)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
 
 
 class EvalConfigError(MegaropeError):
@@ -46,7 +42,7 @@ def passkey_samples(
     depths: Sequence[float],
     num_per_depth: int,
     seed: int,
-    digits: int = 5,
+    digits: int = DIGITS,
 ) -> list[dict]:
     """``num_per_depth`` samples per depth (depths in [0, 1]), depth by depth in the given order.
 
@@ -62,18 +58,14 @@ def passkey_samples(
     bad = [d for d in depths if not 0.0 <= d <= 1.0]
     if bad or not depths:
         raise EvalConfigError("eval.passkey_depths", f"expected a non-empty list of values in [0, 1], got {list(depths)}")
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    head = bos + tokenizer.encode(TASK + "\n")
-    question = tokenizer.encode("\n" + QUESTION)
     # The unit carries its separating space, so tiling it reads like " ".join(FILLER * n).
     unit = tokenizer.encode(FILLER + " ")
     rng = np.random.default_rng(seed)
     samples = []
     for depth in depths:
         for _ in range(num_per_depth):
-            key = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
-            key_line = tokenizer.encode("\n" + KEY_LINE.format(key=key) + "\n")
-            answer = tokenizer.encode(" " + key)
+            key = random_key(rng, digits)
+            head, key_line, question, answer = prompt_pieces(tokenizer, key)
             fixed = len(head) + len(key_line) + len(question) + len(answer)
             n_filler = length - fixed
             if n_filler < 0:

@@ -274,6 +274,67 @@ def plot_factors(factors: Mapping[str, np.ndarray], path: str) -> str:
     return save_figure(fig, path)
 
 
+# ------------------------------------------------------------------------------------------ summary
+
+
+def _cell(rows: list[dict], label: str, length: int, key: str) -> float | None:
+    """The mean of ``key`` over ``label``'s rows at ``length`` (passkey: over depths), None if none."""
+    values = [float(r[key]) for r in rows if r["label"] == label and r["length"] == length]
+    return sum(values) / len(values) if values else None
+
+
+def _change(value: float, reference: float) -> str:
+    return f"{100 * (value / reference - 1):+.1f}%"
+
+
+def what_it_shows(evals: list[dict], passkeys: list[dict], window: int, baseline: str | None) -> list[str]:
+    """Bullet lines of the "What this run shows" section, each computed from the rows (labelled as
+    in the report's tables): the best method at the longest length beyond ``window`` and the
+    ``baseline`` (the unextended model) against it, every method's perplexity at the window against
+    the baseline's, and passkey retrieval at the window and at the longest length beyond it.
+    A statement whose numbers were not measured is left out; no rows, no lines."""
+    lines = []
+    labels = list(dict.fromkeys(r["label"] for r in evals + passkeys))
+    others = [m for m in labels if m != baseline]
+    beyond = [n for n in sorted({r["length"] for r in evals}) if n > window]
+    if beyond:
+        far = beyond[-1]
+        ppl = {m: v for m in labels if (v := _cell(evals, m, far, "ppl")) is not None and math.isfinite(v)}
+        ranked = sorted((m for m in ppl if m != baseline), key=ppl.get)
+        if ranked:
+            best = ranked[0]
+            text = (f"Beyond the window, at {far} tokens ({far / window:g}× the {window}-token window), {best} has "
+                    f"the lowest perplexity, {format_number(ppl[best])}")
+            if baseline in ppl:
+                text += (f"; the unextended model ({baseline}) reaches {format_number(ppl[baseline])}, "
+                         f"{ppl[baseline] / ppl[best]:.2f}× as high")
+            rest = ", ".join(f"{m} {format_number(ppl[m])}" for m in ranked[1:])
+            lines.append(text + (f". The others, best first: {rest}." if rest else "."))
+    short = _cell(evals, baseline, window, "ppl") if baseline else None
+    if short is not None:
+        changes = [(m, v) for m in others if (v := _cell(evals, m, window, "ppl")) is not None]
+        if changes:
+            lines.append(f"Within the window ({window} tokens) the unextended model's perplexity is "
+                         f"{format_number(short)}; against it: "
+                         + ", ".join(f"{m} {format_number(v)} ({_change(v, short)})" for m, v in changes) + ".")
+    lengths = sorted({r["length"] for r in passkeys})
+    for length, where in ((window, "at the window length"), (max(lengths, default=0), "beyond the window")):
+        if length not in lengths or (where == "beyond the window" and length <= window):
+            continue
+        acc = {m: v for m in labels if (v := _cell(passkeys, m, length, "accuracy")) is not None}
+        order = ([baseline] if baseline in acc else []) + sorted((m for m in acc if m != baseline), key=lambda m: -acc[m])
+        lines.append(f"Passkey retrieval {where} ({length} tokens): "
+                     + ", ".join(f"{m} {acc[m]:.2f}" + (" (unextended)" if m == baseline else "") for m in order) + ".")
+    return [f"- {line}" for line in lines]
+
+
+def _baseline(rope_configs: Mapping[str, Mapping[str, Any]] | None, original_theta: float | None) -> str | None:
+    """The one method evaluated with the model's own RoPE (plain ``default``, the original base)."""
+    found = [name for name, cfg in (rope_configs or {}).items() if cfg.get("rope_type", "default") == "default"
+             and (original_theta is None or cfg.get("rope_theta") in (None, original_theta))]
+    return found[0] if len(found) == 1 else None
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -375,7 +436,9 @@ def write_report(
     ``rope_configs``: method name → ``RopeConfig.to_dict()``-style dict, for the factor plot.
     ``original_window``: the pre-extension context length, marked on the perplexity plot; by default
     the configs' ``original_max_position_embeddings`` where they agree. ``original_theta``: the
-    pre-extension RoPE base for the factors (see :func:`rescale_factors`).
+    pre-extension RoPE base, so that a base change (ABF) is drawn as the rescale it is (see
+    :func:`rescale_factors`). With a window, a "What this run shows" section summarises the tables
+    (:func:`what_it_shows`), the unextended model being the one config of plain ``default`` RoPE.
     """
     run_dir = os.fspath(run_dir)
     rows = read_metrics(os.path.join(run_dir, METRICS_FILE))
@@ -398,6 +461,10 @@ def write_report(
     md = [f"# {title}", ""]
     if not rows:
         md += [f"No rows in `{METRICS_FILE}` yet.", ""]
+    shows = what_it_shows(evals, passkeys, original_window, _baseline(rope_configs, original_theta)) \
+        if original_window else []
+    if shows:
+        md += ["## What this run shows", ""] + shows + [""]
     if evals:
         plot_ppl(evals, os.path.join(plots, PLOT_FILES["ppl"]), original_window)
         md += ["## Perplexity", "", "Rows: methods; columns: sequence length in tokens; a unique best per length in bold.", ""]
@@ -416,8 +483,12 @@ def write_report(
     if rope_configs:
         factors = {name: rescale_factors(cfg, original_theta) for name, cfg in rope_configs.items()}
         plot_factors(factors, os.path.join(plots, PLOT_FILES["factors"]))
-        md += ["## RoPE methods", "", "| method | parameters |", "|---|---|"]
-        md += [f"| {name} | {RopeConfig.from_dict(dict(cfg)).describe()} |" for name, cfg in rope_configs.items()]
+        md += ["## RoPE methods", "", "Rescale λ_i: the factor each frequency is divided by, from the highest "
+               "frequency (i = 0) to the lowest, as drawn in the plot below.", "",
+               "| method | parameters | λ, first to last |", "|---|---|---|"]
+        md += [f"| {name} | {RopeConfig.from_dict(dict(cfg)).describe()} | "
+               f"{format_number(factors[name][0])} to {format_number(factors[name][-1])} |"
+               for name, cfg in rope_configs.items()]
         md += ["", link("factors", "rescale factors per dimension"), ""]
     others = sorted(f for f in os.listdir(plots) if f.endswith(".png") and f not in PLOT_FILES.values())
     if others:

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from megarope.data.config import DataConfig, DataError
+from megarope.data.retrieval import TASK
 from megarope.data.sampler import DataIterator, collate, micro_batches
 from megarope.data.samples import build_samples, eval_documents
 from megarope.data.sources import builtin_corpus, load_documents
@@ -215,6 +217,72 @@ def test_truncated_cuts_skips_and_pads(tmp_path, cache):
     assert longer["tokens"].tolist() == doc_ids("z" * 40)[:16]
     assert longer["labels"].tolist() == doc_ids("z" * 40)[1:17] and (longer["loss_mask"] == 1).all()
     assert torch.equal(longer["position_ids"], torch.arange(16))
+
+
+# ------------------------------------------------------------------------------------- retrieval mix
+
+
+def test_retrieval_share_mixes_passkey_sequences_of_training_text(tmp_path, cache):
+    """With retrieval_share 0.6, 60% of the samples are retrieval sequences: the passkey
+    template (as the evaluation's), filler cut from the training text, a random key at a random
+    depth asked for at the end; full length, trained on every token, reproducible."""
+    texts = [f"doc {i}: " + "".join(chr(97 + (i * 7 + j) % 26) for j in range(900)) for i in range(8)]
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])
+    base = DataConfig(source=src, seq_len=320, cache_dir=cache, eval_fraction=0)
+    text_only = build_samples(base)
+    mixed = build_samples(DataConfig(**{**base.__dict__, "retrieval_share": 0.6}))
+    assert len(mixed) == len(text_only) + round(len(text_only) * 1.5)
+    for i in range(len(text_only)):  # the text samples come first, unchanged
+        assert torch.equal(mixed[i]["tokens"], text_only[i]["tokens"])
+    tok = ByteTokenizer()
+    keys, depths = [], []
+    corpus = "".join(texts)
+    for i in range(len(text_only), len(mixed)):
+        x = mixed[i]
+        assert x["tokens"].shape == (320,) and torch.equal(x["labels"][:-1], x["tokens"][1:])
+        assert (x["loss_mask"] == 1).all() and torch.equal(x["position_ids"], torch.arange(320))
+        assert x["tokens"][0] == BOS
+        whole = tok.decode(x["tokens"].tolist() + [x["labels"][-1].item()])
+        head, rest = whole.split("\n", 1)
+        assert head == TASK
+        match = re.fullmatch(r"(.*)\nThe pass key is (\d{5})\. Remember it\. \2 is the pass key\.\n(.*)\n"
+                             r"What is the pass key\? The pass key is (\d{5})", rest, re.S)
+        assert match and match[2] == match[4] and match[2][0] != "0"
+        before, after = match[1], match[3]
+        # the filler is the training text: a snippet of it, tiled
+        filler = before + after
+        unit = next(n for n in range(16, len(filler) + 1) if filler[n:] == (filler[:n] * len(filler))[: len(filler) - n])
+        assert filler[:unit] in corpus
+        keys.append(match[2])
+        depths.append(len(before) / len(filler))
+    assert len(set(keys)) == len(keys) and min(depths) < 0.2 and max(depths) > 0.8
+    again = build_samples(DataConfig(**{**base.__dict__, "retrieval_share": 0.6}))
+    assert torch.equal(again[len(mixed) - 1]["tokens"], mixed[len(mixed) - 1]["tokens"])
+
+
+def test_retrieval_share_with_packed_positions_is_one_sequence(tmp_path, cache):
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "x" * 2000}])
+    cfg = DataConfig(source=src, seq_len=300, cache_dir=cache, eval_fraction=0, reset_position_ids=True,
+                     retrieval_share=0.5)
+    samples = build_samples(cfg)
+    last = samples[len(samples) - 1]
+    assert last["cu_seqlens"].tolist() == [0, 300] and torch.equal(last["position_ids"], torch.arange(300))
+    batch = collate([samples[0], last])  # the sampler stacks both kinds into one batch
+    assert batch["cu_seqlens"].tolist()[-2:] == [300, 600]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"retrieval_share": 1.0}, "expected a share in"),
+    ({"retrieval_share": -0.1}, "expected a share in"),
+    ({"retrieval_share": 0.3, "kind": "sft"}, "kind='lm' only"),
+    ({"retrieval_share": 0.3, "seq_len": 200}, "takes 254 tokens without filler"),
+])
+def test_retrieval_share_checked(change, message, tmp_path, cache):
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "q" * 3000}])
+    cfg = DataConfig(**{"source": src, "seq_len": 320, "cache_dir": cache, "eval_fraction": 0, **change})
+    field = "data.seq_len" if "seq_len" in change else "data.retrieval_share"
+    with pytest.raises(DataError, match=field.replace(".", r"\.") + ".*" + re.escape(message)):
+        build_samples(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ SFT

@@ -316,3 +316,56 @@ def test_report_stage_labels_and_sparse_rows(tmp_path):
     assert ppl[1:] == [["longrope (search)", "9.50"], ["longrope (finetune)", "**7.25**"], ["pi", "inf"]]
     assert "## Training" not in text and "## Passkey retrieval" not in text
     assert sorted(os.listdir(tmp_path / "plots")) == [PLOT_FILES["ppl"]]
+
+
+def test_what_this_run_shows_is_computed_from_the_rows(tmp_path):
+    """The summary section names the best method beyond the window and the unextended model's
+    ratio to it, every method's in-window change and passkey at the window and beyond: change a
+    number and the sentence changes with it."""
+    window = 128
+    ppl = {"original": (4.0, 40.0), "pi": (5.0, 9.0), "yarn": (4.2, 6.0), "abf": (4.4, 5.0)}
+    accuracy = {"original": (1.0, 0.0), "pi": (0.5, 0.25), "yarn": (1.0, 0.5), "abf": (0.75, 1.0)}
+    with MetricsWriter(tmp_path / METRICS_FILE) as w:
+        for method, values in ppl.items():
+            for length, value in zip((window, 8 * window), values):
+                w.write({"stage": "eval", "run_stage": method, "method": method, "length": length, "ppl": value})
+            for length, acc in zip((window, 8 * window), accuracy[method]):
+                for depth, shift in ((0.1, -0.25), (0.9, 0.25)):  # depths average to the value above
+                    value = min(1.0, max(0.0, acc + shift)) if 0 < acc < 1 else acc
+                    w.write({"stage": "passkey", "run_stage": method, "method": method, "length": length,
+                             "depth": depth, "accuracy": value})
+    plain = RopeConfig(head_dim=16, max_position_embeddings=window).to_dict()
+    configs = {
+        "original": plain,
+        "pi": RopeConfig(rope_type="linear", head_dim=16, factor=8.0, original_max_position_embeddings=window).to_dict(),
+        "yarn": RopeConfig(rope_type="yarn", head_dim=16, factor=8.0, original_max_position_embeddings=window).to_dict(),
+        "abf": RopeConfig(rope_type="abf", head_dim=16, rope_theta=500_000.0).to_dict(),
+    }
+    text = open(write_report(tmp_path, "Shows", configs, original_window=window, original_theta=10_000.0)).read()
+    section = text.split("## What this run shows\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert section == [
+        "- Beyond the window, at 1024 tokens (8× the 128-token window), abf has the lowest perplexity, 5.00; "
+        "the unextended model (original) reaches 40.00, 8.00× as high. The others, best first: yarn 6.00, pi 9.00.",
+        "- Within the window (128 tokens) the unextended model's perplexity is 4.00; against it: "
+        "pi 5.00 (+25.0%), yarn 4.20 (+5.0%), abf 4.40 (+10.0%).",
+        "- Passkey retrieval at the window length (128 tokens): original 1.00 (unextended), yarn 1.00, abf 0.75, pi 0.50.",
+        "- Passkey retrieval beyond the window (1024 tokens): original 0.00 (unextended), abf 1.00, yarn 0.50, pi 0.25.",
+    ]
+    assert text.index("## What this run shows") < text.index("## Perplexity")
+    # without a window there is no "beyond" to speak of: no section
+    assert "What this run shows" not in open(write_report(tmp_path, "No window", {"original": plain})).read()
+
+
+
+def test_abf_factors_are_its_per_dimension_rescale(tmp_path):
+    """A base change θ → θ' is the rescale (θ'/θ)^(2i/d) of frequency i: the report's factors
+    (plot and table) show that for ABF, not ones, when it knows the original base."""
+    with MetricsWriter(tmp_path / METRICS_FILE) as w:
+        w.write({"stage": "eval", "run_stage": "abf", "method": "abf", "length": 64, "ppl": 3.0})
+    abf = RopeConfig(rope_type="abf", head_dim=16, rope_theta=500_000.0).to_dict()
+    i = torch.arange(8, dtype=torch.float64)
+    assert rescale_factors(abf, 10_000.0) == pytest.approx((50.0 ** (2 * i / 16)).numpy())
+    text = open(write_report(tmp_path, "ABF", {"abf": abf}, original_theta=10_000.0)).read()
+    methods = _tables(text)["RoPE methods"]
+    assert methods[0][2] == "λ, first to last" and methods[1][2] == f"1.00 to {50.0 ** (14 / 16):.2f}"
+    assert (tmp_path / "plots" / PLOT_FILES["factors"]).is_file()

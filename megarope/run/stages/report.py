@@ -28,7 +28,9 @@ def run(ctx: StageContext) -> dict:
             info = run_ctx.done_info(other.name)
             if other.kind == "eval" and info is not None:
                 ropes[other.name] = info["rope"]
-        write_report(run_ctx.dir, title=f"megarope {run_ctx.cfg.recipe}", rope_configs=ropes)
+        # the model's own base: ABF's new base is then drawn as the per-dimension rescale it is
+        write_report(run_ctx.dir, title=f"megarope {run_ctx.cfg.recipe}", rope_configs=ropes,
+                     original_window=run_ctx.window, original_theta=run_ctx.base_rope.rope_theta)
     dist.barrier()
     return {"kind": "report", "path": str(run_ctx.dir / "report.md")}
 
