@@ -191,6 +191,11 @@ def _block_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, t
     if q.device.type == "cpu":
         # torch's CPU flash kernel: memory linear in the block, grouped K/V taken as they are
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return _torch_block_forward(q, k, v, causal, scale)
+
+
+def _torch_block_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_block_forward` in plain torch (devices without a CPU flash kernel): [s_q, s_k] scores."""
     scores = _scores(q, k, causal, scale)
     lse = scores.logsumexp(-1)
     return (torch.exp(scores - lse[..., None]) @ _repeat(v, q).float()).to(q.dtype), lse
@@ -202,6 +207,11 @@ def _block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+    return _torch_block_backward(dout, q, k, v, out, lse, causal, scale)
+
+
+def _torch_block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    """:func:`_block_backward` in plain torch."""
     probs = torch.exp(_scores(q, k, causal, scale) - lse[..., None])
     dout, v_rep = dout.float(), _repeat(v, q).float()
     dv = probs.transpose(-1, -2) @ dout

@@ -181,3 +181,21 @@ def test_ring_peak_memory_per_rank_falls_with_cp():
         # and it really is the attention's memory that is measured: at cp=2 the local q/k/v alone
         # are 3 x 64 MiB, the ring holds its output, a K/V block in flight and gradient buffers
         assert peaks["cp2"] > FULL_KV_BYTES / 2, peaks
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_plain_torch_block_kernel_equals_cpu_flash_kernel(causal):
+    """The ring's block kernel off CPU (plain torch) against torch's CPU flash kernel: output,
+    log-sum-exp, and the gradient shares given a merged output and log-sum-exp (GQA)."""
+    from megarope.mcore.context_parallel import (_block_backward, _block_forward, _torch_block_backward,
+                                                 _torch_block_forward)
+
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, h, 16, 8, generator=gen) for h in (4, 2, 2))
+    dout, out = torch.randn(2, 4, 16, 8, generator=gen), torch.randn(2, 4, 16, 8, generator=gen)
+    lse = torch.randn(2, 4, 16, generator=gen) + 3.0  # a merged lse exceeds the block's own
+    for got, expected in ((_torch_block_forward(q, k, v, causal, 0.3), _block_forward(q, k, v, causal, 0.3)),
+                          (_torch_block_backward(dout, q, k, v, out, lse, causal, 0.3),
+                           _block_backward(dout, q, k, v, out, lse, causal, 0.3))):
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, **TOL)
