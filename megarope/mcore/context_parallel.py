@@ -191,6 +191,11 @@ def _block_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, t
     if q.device.type == "cpu":
         # torch's CPU flash kernel: memory linear in the block, grouped K/V taken as they are
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return _torch_block_forward(q, k, v, causal, scale)
+
+
+def _torch_block_forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_block_forward` in plain torch (devices without a CPU flash kernel): [s_q, s_k] scores."""
     scores = _scores(q, k, causal, scale)
     lse = scores.logsumexp(-1)
     return (torch.exp(scores - lse[..., None]) @ _repeat(v, q).float()).to(q.dtype), lse
@@ -202,6 +207,11 @@ def _block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+    return _torch_block_backward(dout, q, k, v, out, lse, causal, scale)
+
+
+def _torch_block_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    """:func:`_block_backward` in plain torch."""
     probs = torch.exp(_scores(q, k, causal, scale) - lse[..., None])
     dout, v_rep = dout.float(), _repeat(v, q).float()
     dv = probs.transpose(-1, -2) @ dout
@@ -242,12 +252,19 @@ def _shift(send: list[torch.Tensor], group, tag: int) -> tuple[list[torch.Tensor
     return recv, requests
 
 
+def _bhsd(t: torch.Tensor) -> torch.Tensor:
+    """A [b, h, s, d] view of [s, b, h, d] (what the kernels take; no copy)."""
+    return t.permute(1, 2, 0, 3)
+
+
 class _RingAttention(torch.autograd.Function):
-    """Ring attention over the CP group; q/k/v [b, h(_kv), s_local, d] contiguous, this rank's tokens.
+    """Ring attention over the CP group; q/k/v [s_local, b, h(_kv), d] contiguous, this rank's tokens.
 
     Forward: step i holds the K/V block of rank r-i (its own first), starts passing it on, and
-    merges the scores blocks it can see. Backward: the same ring again, with the dK/dV of the held
-    block travelling along with it; after the last step they reach their owner.
+    merges the score blocks it can see. Backward: the same ring again, with the dK/dV of the held
+    block travelling along with it; after the last step they reach their owner. Tensors stay in
+    megatron's [s, b, h, d] layout (contiguous for the sends, one slice per chunk) and the kernels
+    get [b, h, s, d] views: no layout copies of the local q/k/v/output or their gradients.
     """
 
     @staticmethod
@@ -255,15 +272,15 @@ class _RingAttention(torch.autograd.Function):
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         mine = _segments(bounds, size, rank)
         out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[2], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
         block_k, block_v = k, v
         for step in range(size):
             if step < size - 1:
                 (next_k, next_v), requests = _shift([block_k, block_v], group, tag=2 * step)
             for qs, ks, diagonal in _pairs(mine, _segments(bounds, size, (rank - step) % size), causal):
-                block_out, block_lse = _block_forward(q[:, :, qs], block_k[:, :, ks], block_v[:, :, ks],
+                block_out, block_lse = _block_forward(_bhsd(q[qs]), _bhsd(block_k[ks]), _bhsd(block_v[ks]),
                                                       diagonal, scale)
-                _merge(out[:, :, qs], lse[:, :, qs], block_out, block_lse)
+                _merge(_bhsd(out[qs]), lse[:, :, qs], block_out, block_lse)
             if step < size - 1:
                 for request in requests:
                     request.wait()
@@ -279,7 +296,6 @@ class _RingAttention(torch.autograd.Function):
         group, bounds = ctx.group, ctx.bounds
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         mine = _segments(bounds, size, rank)
-        dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         block_k, block_v = k, v
         block_dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -289,11 +305,12 @@ class _RingAttention(torch.autograd.Function):
             if step < size - 1:
                 (next_k, next_v), requests = _shift([block_k, block_v], group, tag=4 * step)
             for qs, ks, diagonal in _pairs(mine, _segments(bounds, size, (rank - step) % size), ctx.causal):
-                gq, gk, gv = _block_backward(dout[:, :, qs], q[:, :, qs], block_k[:, :, ks], block_v[:, :, ks],
-                                             out[:, :, qs], lse[:, :, qs], diagonal, ctx.scale)
-                dq[:, :, qs] += gq
-                block_dk[:, :, ks] += gk
-                block_dv[:, :, ks] += gv
+                gq, gk, gv = _block_backward(_bhsd(dout[qs]), _bhsd(q[qs]), _bhsd(block_k[ks]), _bhsd(block_v[ks]),
+                                             _bhsd(out[qs]), lse[:, :, qs], diagonal, ctx.scale)
+                _bhsd(dq[qs]).add_(gq)
+                _bhsd(block_dk[ks]).add_(gk)
+                _bhsd(block_dv[ks]).add_(gv)
+                del gq, gk, gv
             (block_dk, block_dv), grad_requests = _shift([block_dk, block_dv], group, tag=4 * step + 2)
             for request in requests + grad_requests:
                 request.wait()
@@ -347,14 +364,12 @@ def cp_attention(
             f"cu_seqlens_padded ends at {bounds[-1]} tokens but cp={cp_size} ranks hold "
             f"{local_len} each"
         )
-    # attention kernels want [b, h, s, d]
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
     if cp_size == 1:  # one causal SDPA call per sequence, autograd through torch's own kernel
         out = torch.cat([
-            F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dropout_p=dropout_p,
-                                           is_causal=causal, scale=softmax_scale, enable_gqa=True)
+            F.scaled_dot_product_attention(_bhsd(q[a:b]), _bhsd(k[a:b]), _bhsd(v[a:b]), dropout_p=dropout_p,
+                                           is_causal=causal, scale=softmax_scale, enable_gqa=True).permute(2, 0, 1, 3)
             for a, b in zip(bounds[:-1], bounds[1:]) if b > a
-        ], dim=2)
+        ])
     else:
         if dropout_p:
             raise ValueError("attention dropout with context parallelism is not supported by megarope's ring "
@@ -362,5 +377,4 @@ def cp_attention(
         scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
         q, k, v = (t.contiguous() for t in (q, k, v))
         out = _RingAttention.apply(q, k, v, cp_group, bounds, causal, scale)
-    out = out.permute(2, 0, 1, 3)
     return out.squeeze(1) if thd else out

@@ -76,8 +76,8 @@ def wrap_core_attention(spec: ModuleSpec, rope: RopeConfig, rope_fusion: str = "
     """A copy of a layer spec whose core attention is ``MegaropeCoreAttention`` around the original.
 
     ``rope_fusion``: ``"compile"`` (the fused RoPE through ``torch.compile``, falling back to eager
-    if compilation fails; measured ~20x faster than megatron's unfused RoPE on CPU, see
-    benchmarks/RESULTS.md) or ``"eager"`` (the same function in plain torch).
+    if compilation fails; 7-54x megatron's unfused RoPE plus scale passes on a loaded 2-core CPU,
+    see benchmarks/RESULTS.md) or ``"eager"`` (the same function in plain torch).
     """
     if rope_fusion not in ROPE_FUSIONS:
         raise ValueError(f"rope_fusion must be one of {ROPE_FUSIONS}, got {rope_fusion!r}")

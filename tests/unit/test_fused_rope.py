@@ -136,3 +136,20 @@ def test_compile_failure_falls_back_to_eager_with_one_warning():
 def test_unknown_fusion_is_rejected():
     with pytest.raises(ValueError, match="rope_fusion"):
         rope_function("triton")
+
+
+def test_layers_share_one_cos_sin_table():
+    """cos/sin are computed once per forward shape for the whole model, not per layer (megatron's
+    apply_rotary_pos_emb takes cos/sin of the angle table for q and for k in every layer)."""
+    from megarope.mcore.spec import gpt_model
+
+    config = transformer_config(num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                                kv_channels=HEAD_DIM, ffn_hidden_size=64)
+    model = gpt_model(config, EABF, vocab_size=64, max_sequence_length=128, rope_fusion="eager")
+    cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
+    assert len({id(core.tables) for core in cores}) == 1
+    with torch.no_grad():
+        model(torch.zeros(1, 24, dtype=torch.long), torch.arange(24)[None], None)
+    assert len(cores[0].tables._entries) == 1
+    # and megatron's attention gets no angle table, so it cannot rotate a second time
+    assert model.rotary_pos_emb(24) is None
