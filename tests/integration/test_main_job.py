@@ -1,4 +1,6 @@
-"""The main job (README's first command) at a smaller size: report.md numbers equal metrics.jsonl."""
+"""The main job (README's first command) at a reduced size (fewer pre-training steps, documents,
+search candidates and fine-tune steps; the same model, window, data mix and methods): extension
+shows in its report as issue 16 asks, and report.md numbers equal metrics.jsonl."""
 
 import re
 import subprocess
@@ -73,3 +75,49 @@ def test_every_stage_finished_and_plots_written(run_dir):
     summary = (run_dir / "summary.json").read_text()
     for stage in ("pretrain", "longrope_search", "eabf_finetune", "report"):
         assert f'"{stage}"' in summary
+
+
+def _by_method(rows: list[dict], kind: str, length: int, key: str) -> dict[str, float]:
+    """{method: value} at ``length``; passkey accuracy averaged over depths."""
+    cells: dict[str, list[float]] = {}
+    for r in rows:
+        if r["stage"] == kind and r["length"] == length:
+            cells.setdefault(r["method"], []).append(r[key])
+    return {m: sum(v) / len(v) for m, v in cells.items()}
+
+
+def test_extension_shows(run_dir):
+    """Issue 16's relations: the unextended model fails at 8x its window (perplexity >= 1.25x the
+    best extended method's, passkey <= 0.2) while retrieving inside it (>= 0.8) and some method
+    retrieves at 8x (>= 0.5); LongRoPE's searched factors beat PI and YaRN at 8x on eval documents
+    the search never scored."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    ppl = _by_method(rows, "eval", TARGET, "ppl")
+    extended = {m: v for m, v in ppl.items() if m != "original"}
+    best = min(extended, key=extended.get)
+    assert ppl["original"] >= 1.25 * extended[best], ppl
+    inside, far = _by_method(rows, "passkey", WINDOW, "accuracy"), _by_method(rows, "passkey", TARGET, "accuracy")
+    assert inside["original"] >= 0.8, inside
+    assert far["original"] <= 0.2 and max(far.values()) >= 0.5, far
+    assert ppl["longrope"] < min(ppl["pi"], ppl["yarn"]), ppl
+    fitness = {d for r in rows if r["stage"] == "search" for d in r["fitness_docs"]}
+    scored = {d for r in rows if r["stage"] == "eval" and r["method"] == "longrope" for d in r["docs"]}
+    assert fitness and scored and not fitness & scored
+
+    # the report says so, with the same numbers
+    report = (run_dir / "report.md").read_text()
+    shows = report.split("## What this run shows", 1)[1].split("\n## ", 1)[0]
+    assert (f"at {TARGET} tokens (8× the {WINDOW}-token window), {best} has the lowest perplexity, "
+            f"{extended[best]:.2f}; the unextended model (original) reaches {ppl['original']:.2f}") in shows
+    assert f"Passkey retrieval at the window length ({WINDOW} tokens): original {inside['original']:.2f} (unextended)" \
+        in shows
+    # ABF's base change appears as the rescale it is (θ'/θ)^(2i/d), not as ones
+    methods = markdown_table_rows(report, "RoPE methods")
+    assert methods["abf"][-1] == f"1.00 to {50.0 ** (30 / 32):.2f}"
+
+
+def markdown_table_rows(text: str, heading: str) -> dict[str, list[str]]:
+    """{first cell: cells} of the first table after ``## heading``."""
+    section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")][2:]
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
