@@ -45,7 +45,7 @@ def latest(rows: list[dict], kind: str) -> dict:
     return out
 
 
-def fmt(value: float | None, digits: int = 2) -> str:
+def fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
@@ -108,7 +108,7 @@ def relations(numbers: dict) -> list[str]:
         if any(n not in beyond for n in names):
             return f"{' > '.join(names)}: not measured ({', '.join(n for n in names if n not in beyond)} missing)"
         holds = all(beyond[a] > beyond[b] for a, b in zip(names, names[1:]))
-        values = " > ".join(f"{n} {beyond[n]:.2f}" for n in names)
+        values = " > ".join(f"{n} {beyond[n]:.3f}" for n in names)
         return f"{values}: {'holds' if holds else 'does NOT hold'}"
 
     out = [f"- beyond the window: {order(['original', 'pi', 'yarn'])}",
@@ -122,7 +122,7 @@ def relations(numbers: dict) -> list[str]:
                    f"({'within' if ok else 'NOT within'} {100 * SHORT_TOLERANCE:.0f}%)")
     if beyond:
         best = min(beyond, key=beyond.get)
-        out.append(f"- best beyond the window: {best} ({beyond[best]:.2f}"
+        out.append(f"- best beyond the window: {best} ({beyond[best]:.3f}"
                    + (f", {beyond['original'] / beyond[best]:.1f}x below no scaling)" if "original" in beyond else ")"))
     return out
 

@@ -1,5 +1,7 @@
 """Per-token NLL and argmax from the decoder output, chunk by chunk, against full logits."""
 
+import math
+
 import pytest
 import torch
 
@@ -89,3 +91,33 @@ def test_engine_score_equals_full_logits():
     inner = [m.decoder.layers[0].self_attention.core_attention.inner for m in inner]
     assert isinstance(inner[0], DotProductAttention) and isinstance(inner[1], SDPAAttention)
     torch.testing.assert_close(local.score(samples), scores, rtol=1e-6, atol=1e-5)
+
+
+def test_eval_stage_splits_perplexity_at_the_window(tmp_path):
+    """Past the model's window an eval row also holds the perplexity of the tokens inside the window
+    and beyond it, from the same forward: against the full logits of the same (seeded) model."""
+    from megarope.data.samples import eval_documents
+    from megarope.data.sources import load_documents
+    from megarope.data.tokenizer import load_tokenizer
+    from megarope.eval.metrics import read_metrics
+    from megarope.run.config import Config, EvalConfig, RunConfig
+    from megarope.run.engine import Engine
+    from megarope.run.pipeline import Pipeline
+
+    length = 256  # twice the tiny model's 128-token window
+    cfg = Config(run=RunConfig(dir=str(tmp_path)), eval=EvalConfig(lengths=[length], num_docs=1),
+                 stages=[{"name": "eval", "kind": "eval"}])
+    Pipeline(cfg).run()
+    row = next(r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == "eval")
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    rows = eval_documents(load_documents(cfg.data, "eval"), tokenizer, length + 1, 1)
+    engine = Engine(cfg, RopeConfig(head_dim=32, max_position_embeddings=128), tokenizer.vocab_size)
+    with torch.no_grad():
+        logits = engine.model(rows[:, :-1], torch.arange(length)[None], None)
+    nll = full_logits_stats(logits, rows[:, 1:])[0][0].double()
+    beyond = torch.arange(length) + 1 >= 128  # label j is token j + 1
+    assert row["window"] == 128
+    for key, part in (("ppl", slice(None)), ("ppl_window", ~beyond), ("ppl_beyond", beyond)):
+        assert row[key] == pytest.approx(math.exp(nll[part].mean().item()), rel=1e-4), key
+    assert row["ppl_window"] != pytest.approx(row["ppl_beyond"], rel=1e-3)
