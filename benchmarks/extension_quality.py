@@ -29,7 +29,6 @@ import yaml
 
 from megarope.eval.metrics import METRICS_FILE, read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 # the stage names of recipes/smollm2_extend.yaml, in the papers' order
 METHODS = ("original", "pi", "ntk", "dynamic", "yarn", "llama3", "longrope", "abf", "eabf")
 SHORT_TOLERANCE = 0.02
@@ -130,15 +129,15 @@ def relations(numbers: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="smollm2_extend")
-    parser.add_argument("--run-dir", help="the run folder (default: runs/RECIPE-local)")
+    parser.add_argument("--run-dir", help="the run folder (default: runs/RECIPE-local under the working "
+                        "directory, where megarope's run.dir default puts it)")
     parser.add_argument("--run", action="store_true", help="run the recipe first (finished stages are skipped)")
     parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--note", default="", help="a line under the table (what was cut short, ...)")
     args = parser.parse_args()
-    run_dir = Path(args.run_dir or ROOT / "runs" / f"{args.recipe}-local")
+    run_dir = Path(args.run_dir or Path("runs") / f"{args.recipe}-local")
     if args.run:
-        subprocess.run([sys.executable, "-m", "megarope", f"recipe={args.recipe}", f"run.dir={run_dir}"],
-                       cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "megarope", f"recipe={args.recipe}", f"run.dir={run_dir}"], check=True)
     lines, numbers = table(run_dir)
     summary = run_dir / "summary.json"
     elapsed = json.loads(summary.read_text())["elapsed_s"] if summary.is_file() else None
