@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from results import publish
+
 from megarope.eval.metrics import METRICS_FILE, read_metrics
 
 # the stage names of recipes/smollm2_extend.yaml, in the papers' order
@@ -147,12 +149,8 @@ def main() -> None:
             f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} now; torch "
             f"{torch.__version__}; run {run_dir.name}: "
             + (f"finished, {elapsed / 60:.0f} min of its last invocation" if elapsed else "not finished (partial rows)"))
-    text = "\n".join([head, ""] + lines + ["", *relations(numbers)] + (["", args.note] if args.note else []))
-    print(text)
-    if args.append:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n## Extension quality, SmolLM2-135M-Instruct (`python benchmarks/extension_quality.py`, "
-                    f"recipe={args.recipe})\n\n{text}\n")
+    publish(f"Extension quality, SmolLM2-135M-Instruct (`python benchmarks/extension_quality.py`, "
+            f"recipe={args.recipe})", [head, ""] + lines + ["", *relations(numbers)], args.note, args.append)
 
 
 if __name__ == "__main__":

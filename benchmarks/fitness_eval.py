@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from results import publish
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -177,14 +179,8 @@ def main() -> None:
             f"| {length} | {best['megarope']:.2f} | {best['transformers']:.2f} | "
             f"{best['transformers'] / best['megarope']:.2f} | {ppl['megarope']:.5f} | {ppl['transformers']:.5f} | "
             f"{abs(ppl['megarope'] / ppl['transformers'] - 1):.1e} | {mem['megarope']:.0f} | {mem['transformers']:.0f} |")
-    if args.note:
-        lines += ["", args.note]
-    table = "\n".join(lines)
-    print(table)
-    if args.append:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write("\n## Forward perplexity, megarope vs transformers (`python benchmarks/fitness_eval.py`)\n\n"
-                    + table + "\n")
+    publish("Forward perplexity, megarope vs transformers (`python benchmarks/fitness_eval.py`)", lines, args.note,
+            args.append)
 
 
 if __name__ == "__main__":

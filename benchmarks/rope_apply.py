@@ -24,9 +24,10 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from results import publish
 
 # (tokens, q heads, kv heads, head dim): SmolLM2-135M at 4k and 16k, a Llama-3-8B-like layer at 8k
 SHAPES = [(4096, 9, 3, 64), (16384, 9, 3, 64), (8192, 32, 8, 128)]
@@ -127,14 +128,8 @@ def main() -> None:
             f"| {tokens} | {heads}/{kv_heads} | {dim} | {moved / 2**20:.0f} | {gbs['copy']:.1f} | "
             f"{gbs['megatron']:.1f} | {gbs['eager']:.1f} | {gbs['compiled']:.1f} | "
             f"{s['megatron'] / s['compiled']:.1f}x | {s['megatron'] / s['eager']:.1f}x |")
-    if args.note:
-        lines += ["", args.note]
-    table = "\n".join(lines)
-    print(table)
-    if args.append:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write("\n## RoPE + scales throughput, fused vs megatron (`python benchmarks/rope_apply.py`)\n\n"
-                    + table + "\n")
+    publish("RoPE + scales throughput, fused vs megatron (`python benchmarks/rope_apply.py`)", lines, args.note,
+            args.append)
     parallel.destroy()
 
 
