@@ -89,9 +89,9 @@ def table(run_dir: Path) -> tuple[list[str], dict]:
             for n in sorted({length for (_, length) in evals})}
     search = [r for r in rows if r["stage"] == "search"]
     fitness = sorted({d for r in search for d in r.get("fitness_docs", [])})
-    docs = "; ".join(f"{n}: {', '.join(names)}" for n, names in docs.items())
+    docs = "; ".join(f"{n}: {', '.join(map(str, names))}" for n, names in docs.items())
     lines += ["", f"window {window}, target {target}; eval documents (held out, 'eval' split) {docs}; "
-              f"search fitness documents ('fitness' split): {', '.join(fitness) or '–'}; recipe "
+              f"search fitness documents ('fitness' split): {', '.join(map(str, fitness)) or '–'}; recipe "
               f"{config.get('recipe')}, {config['eval']['num_docs']} document(s) per length, "
               f"passkey columns: length@depth (depth: where the key sits in the filler), share retrieved of "
               f"{config['eval']['passkey_per_depth']} sample(s)."]
