@@ -8,6 +8,7 @@ from typing import Optional
 from megarope.errors import MegaropeError
 
 FORMATS = ("text", "json", "parquet")
+RETRIEVAL_KINDS = ("passkey", "copy", "mixed")
 
 
 class DataError(MegaropeError):
@@ -37,6 +38,10 @@ class DataConfig:
     # lm only: share of the training samples that are synthetic passkey-retrieval sequences
     # (megarope.data.retrieval), so a small model learns to attend across its whole window
     retrieval_share: float = 0.0
+    # which retrieval sequences: "passkey" (the evaluation's prompt format), "copy" (short random
+    # strings, each repeated at once: dense copying, which forms the induction heads that retrieval
+    # needs far sooner than passkey sequences do) or "mixed" (alternating by sample index)
+    retrieval_kind: str = "passkey"  # "passkey" | "copy" | "mixed"
 
 
 def check_config(cfg: DataConfig) -> None:
@@ -57,6 +62,8 @@ def check_config(cfg: DataConfig) -> None:
         raise DataError("data.fitness_fraction", f"expected a value in (0, 1), got {cfg.fitness_fraction!r}")
     if not 0.0 <= cfg.retrieval_share < 1.0:
         raise DataError("data.retrieval_share", f"expected a share in [0, 1), got {cfg.retrieval_share!r}")
+    if cfg.retrieval_kind not in RETRIEVAL_KINDS:
+        raise DataError("data.retrieval_kind", f"expected one of {'|'.join(RETRIEVAL_KINDS)}, got {cfg.retrieval_kind!r}")
     if cfg.retrieval_share and cfg.kind != "lm":
         raise DataError("data.retrieval_share", f"applies to kind='lm' only (got kind={cfg.kind!r}): "
                         "conversations are trained on their assistant turns")

@@ -212,7 +212,7 @@ def build_samples(cfg: DataConfig, split: str = "train", tokenizer: Optional[Tok
     count = round(len(text) * cfg.retrieval_share / (1 - cfg.retrieval_share))
     # the filler is cut from the text samples; the shuffling sampler interleaves the two kinds
     retrieval = RetrievalSamples(tok, text, cfg.seq_len, count, cfg.seed,
-                                 packed=cfg.mode == "packed" and cfg.reset_position_ids)
+                                 packed=cfg.mode == "packed" and cfg.reset_position_ids, kind=cfg.retrieval_kind)
     return torch.utils.data.ConcatDataset([text, retrieval])
 
 

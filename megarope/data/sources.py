@@ -20,7 +20,11 @@ from megarope.data.config import FORMATS, DataConfig, DataError, check_config
 _SUFFIX_FORMAT = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # datasets decompresses these itself, so "x.jsonl.gz" is json.
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
-_BUILTIN_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+# encodings/ holds generated codec tables (in-window perplexity ~1.9 for a real model): as a long
+# evaluation document they reward copying, so no scaling beat PI beyond the window on them
+_BUILTIN_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings"}
+# the corpus file's name changes with what it holds, so an older cache is not read back
+_BUILTIN_CORPUS_VERSION = 2
 
 
 def _cache_dir(cache_dir: Optional[str]) -> Path:
@@ -31,10 +35,10 @@ def _cache_dir(cache_dir: Optional[str]) -> Path:
 
 def builtin_corpus(cache_dir: Optional[str] = None) -> str:
     """Write the standard library's ``.py`` files once as JSONL (``{"path", "text"}`` per file, sorted
-    by path, test and site-packages folders left out) and return the file's path."""
+    by path, test, site-packages and codec-table folders left out) and return the file's path."""
     root = sysconfig.get_paths()["stdlib"]
     version = ".".join(map(str, sys.version_info[:3]))
-    out = _cache_dir(cache_dir) / f"stdlib-py{version}.jsonl"
+    out = _cache_dir(cache_dir) / f"stdlib-v{_BUILTIN_CORPUS_VERSION}-py{version}.jsonl"
     if out.exists():
         return str(out)
     out.parent.mkdir(parents=True, exist_ok=True)

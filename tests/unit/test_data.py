@@ -271,7 +271,32 @@ def test_retrieval_share_with_packed_positions_is_one_sequence(tmp_path, cache):
     assert batch["cu_seqlens"].tolist()[-2:] == [300, 600]
 
 
+def test_copy_sequences_repeat_each_random_string_at_once(tmp_path, cache):
+    """retrieval_kind="copy": BOS, then lines of a random string (3-10 letters/digits) written twice,
+    to the full length; "mixed" alternates passkey (even index) and copy (odd) sequences."""
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "p" * 3000}])
+    base = dict(source=src, seq_len=320, cache_dir=cache, eval_fraction=0, retrieval_share=0.5)
+    tok = ByteTokenizer()
+    copies = build_samples(DataConfig(**base, retrieval_kind="copy"))
+    text_count = len(build_samples(DataConfig(**{**base, "retrieval_share": 0.0})))
+    strings = []
+    for i in range(text_count, len(copies)):
+        x = copies[i]
+        assert x["tokens"].shape == (320,) and x["tokens"][0] == BOS and (x["loss_mask"] == 1).all()
+        lines = tok.decode(x["tokens"][1:].tolist()).split("\n")
+        for line in lines[:-1]:  # the last line is cut at the sequence's end
+            half = len(line) // 2
+            assert re.fullmatch(r"[0-9a-z]{6,20}", line) and line[:half] == line[half:], line
+            strings.append(line[:half])
+    assert len(set(strings)) > 0.9 * len(strings) and {len(s) for s in strings} == set(range(3, 11))
+    mixed = build_samples(DataConfig(**base, retrieval_kind="mixed"))
+    first = text_count  # retrieval index 0: a passkey sequence, index 1: a copy sequence
+    assert tok.decode(mixed[first]["tokens"][1:].tolist()).startswith(TASK)
+    assert torch.equal(mixed[first + 1]["tokens"], copies[first + 1]["tokens"])
+
+
 @pytest.mark.parametrize("change, message", [
+    ({"retrieval_kind": "needle"}, "expected one of passkey|copy|mixed"),
     ({"retrieval_share": 1.0}, "expected a share in"),
     ({"retrieval_share": -0.1}, "expected a share in"),
     ({"retrieval_share": 0.3, "kind": "sft"}, "kind='lm' only"),
@@ -280,7 +305,8 @@ def test_retrieval_share_with_packed_positions_is_one_sequence(tmp_path, cache):
 def test_retrieval_share_checked(change, message, tmp_path, cache):
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "q" * 3000}])
     cfg = DataConfig(**{"source": src, "seq_len": 320, "cache_dir": cache, "eval_fraction": 0, **change})
-    field = "data.seq_len" if "seq_len" in change else "data.retrieval_share"
+    field = "data.seq_len" if "seq_len" in change else "data.retrieval_kind" if "retrieval_kind" in change \
+        else "data.retrieval_share"
     with pytest.raises(DataError, match=field.replace(".", r"\.") + ".*" + re.escape(message)):
         build_samples(cfg)
 
