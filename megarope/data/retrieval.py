@@ -80,8 +80,8 @@ class RetrievalSamples(torch.utils.data.Dataset):
 
     def __init__(self, tokenizer: Tokenizer, filler: Sequence[dict], seq_len: int, count: int, seed: int,
                  packed: bool = False, kind: str = "passkey"):
-        # room for filler on both sides of the key line whatever the key's token count
-        if fixed_length(tokenizer) + MIN_FILLER > seq_len + 1:
+        # passkey sequences: room for filler on both sides of the key line whatever the key's token count
+        if kind != "copy" and fixed_length(tokenizer) + MIN_FILLER > seq_len + 1:
             raise DataError("data.seq_len", f"{seq_len} tokens: a retrieval sequence (data.retrieval_share) takes "
                             f"{fixed_length(tokenizer)} tokens without filler, plus at least {MIN_FILLER} of filler")
         self.tokenizer, self.filler, self.seq_len = tokenizer, filler, seq_len

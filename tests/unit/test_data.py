@@ -293,6 +293,9 @@ def test_copy_sequences_repeat_each_random_string_at_once(tmp_path, cache):
     first = text_count  # retrieval index 0: a passkey sequence, index 1: a copy sequence
     assert tok.decode(mixed[first]["tokens"][1:].tolist()).startswith(TASK)
     assert torch.equal(mixed[first + 1]["tokens"], copies[first + 1]["tokens"])
+    # copy sequences need no room for the passkey prompt
+    short = build_samples(DataConfig(**{**base, "seq_len": 64}, retrieval_kind="copy"))
+    assert short[len(short) - 1]["tokens"].shape == (64,)
 
 
 @pytest.mark.parametrize("change, message", [
