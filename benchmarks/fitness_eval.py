@@ -11,7 +11,8 @@ tokenized with the folder's tokenizer, or their bytes modulo the vocabulary when
   engine computes it: the decoder output through the output weight 1024 tokens at a time
   (``megarope.mcore.output``), never the whole [s, vocab] logits.
 
-Runs alternate (megarope, transformers, megarope, ...) so load drift hits both alike; the table
+After one untimed pass of each at the shortest length (compilation, allocator warm-up), runs
+alternate (megarope, transformers, megarope, ...) so load drift hits both alike; the table
 gives the fastest of ``--repeats`` runs, the perplexity, and the peak resident memory above the
 level before the forward (sampled every 2 ms by a thread reading /proc/self/statm, so Linux only;
 a peak shorter than that can be missed). ``--append`` adds the table to benchmarks/RESULTS.md.
@@ -150,6 +151,10 @@ def main() -> None:
     ours = megarope.from_hf(folder)
     vocab = reference.config.vocab_size
 
+    # one untimed pass of each side first: megarope compiles its RoPE, both warm their allocators
+    warm = token_ids(folder, min(args.lengths), vocab)
+    measure(megarope_nll, ours, warm)
+    measure(transformers_nll, reference, warm)
     rows = []
     for length in args.lengths:
         ids = token_ids(folder, length, vocab)
@@ -168,7 +173,7 @@ def main() -> None:
     lines = [
         f"{datetime.date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; model: {name}; min of {args.repeats} alternating runs",
+        f"{transformers.__version__}; model: {name}; min of {args.repeats} alternating runs after a warm-up pass",
         "",
         "| tokens | megarope s | transformers s | speed ratio (tf/mr) | megarope ppl | transformers ppl "
         "| rel. diff | megarope peak MiB | transformers peak MiB |",
