@@ -39,8 +39,8 @@ class DataConfig:
     # (megarope.data.retrieval), so a small model learns to attend across its whole window
     retrieval_share: float = 0.0
     # which retrieval sequences: "passkey" (the evaluation's prompt format), "copy" (short random
-    # strings, each repeated at once: dense copying, which forms the induction heads that retrieval
-    # needs far sooner than passkey sequences do) or "mixed" (alternating by sample index)
+    # strings, each repeated at once: dense copying, which starts forming the induction heads that
+    # retrieval needs far sooner than passkey sequences do) or "mixed" (alternating by sample index)
     retrieval_kind: str = "passkey"  # "passkey" | "copy" | "mixed"
 
 
