@@ -213,6 +213,9 @@ def run(ctx: StageContext) -> dict:
         with checkpoint.StopSignal() as stop:
             search = LongRopeSearch(s.settings, lambda cands, f=score_one: score_distributed(cands, f, engine.dp_group),
                                     state_path=ctx.dir / s.state, on_generation=record, stop_requested=stop.requested)
+            # every rank has read the state file before rank 0 can rewrite it: a rank that read it
+            # later resumed from a newer state and ran different collectives (a hung requeued search)
+            dist.barrier()
             try:
                 result = search.run()
             except SearchStopped as stopped:
