@@ -36,9 +36,9 @@ class ModelConfig:
     core_attention: str = "sdpa"
     # how RoPE (rotation, attention factor, query scale) is applied: "eager" (one fused function in
     # plain torch) or "compile" (the same through torch.compile; falls back to eager, with a log
-    # line, where compilation fails). eager by default for runs: a SIGTERM to the process group
-    # (scancel, a time limit) while inductor compiled hung a 2-rank search
-    # (tests/integration/test_search_signal.py); compile is opt-in until that is understood
+    # line, where compilation fails). eager by default for runs, as the README's main-job timing
+    # was measured; the requeued-search hang once blamed on compile was a race on the search state
+    # file (megarope.run.stages.search), with either setting
     rope_fusion: str = "eager"
 
 
