@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 from megarope.errors import MegaropeError
 
@@ -39,9 +39,18 @@ class DataConfig:
     # (megarope.data.retrieval), so a small model learns to attend across its whole window
     retrieval_share: float = 0.0
     # which retrieval sequences: "passkey" (the evaluation's prompt format), "copy" (short random
-    # strings, each repeated at once: dense copying, which starts forming the induction heads that
-    # retrieval needs far sooner than passkey sequences do) or "mixed" (alternating by sample index)
+    # strings, each repeated after a gap of up to copy_gap characters: dense copying, which forms the
+    # copy (induction) heads that retrieval needs far sooner than passkey sequences do) or "mixed"
+    # (alternating by sample index)
     retrieval_kind: str = "passkey"  # "passkey" | "copy" | "mixed"
+    # copy sequences: the most filler characters between a string and its repeat (each gap drawn
+    # uniformly from [0, limit]); 0: the repeat follows at once
+    copy_gap: int = 0
+    # [first, last] step of a training stage over which the gap limit grows linearly from 0 to
+    # copy_gap (0 before first); [0, 0]: copy_gap from the start. A curriculum: copy heads form on
+    # immediate repeats, attending locally, and slowly growing gaps stretch them to long range;
+    # gaps up to copy_gap from the start formed none in 600 steps (megarope.data.retrieval)
+    copy_gap_ramp: List[int] = field(default_factory=lambda: [0, 0])
 
 
 def check_config(cfg: DataConfig) -> None:
@@ -64,6 +73,11 @@ def check_config(cfg: DataConfig) -> None:
         raise DataError("data.retrieval_share", f"expected a share in [0, 1), got {cfg.retrieval_share!r}")
     if cfg.retrieval_kind not in RETRIEVAL_KINDS:
         raise DataError("data.retrieval_kind", f"expected one of {'|'.join(RETRIEVAL_KINDS)}, got {cfg.retrieval_kind!r}")
+    if not isinstance(cfg.copy_gap, int) or cfg.copy_gap < 0:
+        raise DataError("data.copy_gap", f"expected a non-negative integer, got {cfg.copy_gap!r}")
+    ramp = list(cfg.copy_gap_ramp)
+    if len(ramp) != 2 or not all(isinstance(v, int) for v in ramp) or not 0 <= ramp[0] <= ramp[1]:
+        raise DataError("data.copy_gap_ramp", f"expected [first, last] steps with 0 <= first <= last, got {ramp!r}")
     if cfg.retrieval_share and cfg.kind != "lm":
         raise DataError("data.retrieval_share", f"applies to kind='lm' only (got kind={cfg.kind!r}): "
                         "conversations are trained on their assistant turns")

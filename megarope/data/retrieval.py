@@ -9,23 +9,31 @@ one that must copy a key from anywhere in its window learns to attend across all
 or copy heads), which is what context extension then has to preserve beyond the window.
 
 ``data.retrieval_kind`` picks the sequences: ``passkey`` (the prompt above), ``copy`` or ``mixed``
-(alternating by sample index). A passkey sequence has ten key digits among hundreds of tokens: too
-sparse for a tiny model to form copy (induction) heads in a few hundred steps. A copy sequence is
-dense copying, short random strings each repeated at once::
+(alternating by sample index). A copy sequence is dense copying, short random strings (:data:`COPY_MIN`
+to :data:`COPY_MAX` letters and digits) each repeated after a gap of up to ``data.copy_gap``
+characters none of which occurs in a string::
 
-    <BOS>{R1}{R1}\n{R2}{R2}\n{R3}{R3}\n ...
+    <BOS>{R1}{gap}{R1}\n{R2}{gap}{R2}\n{R3}{gap}{R3}\n ...
 
-(:data:`COPY_MIN` to :data:`COPY_MAX` letters and digits each): from its second character on, the
-repeat is predictable by matching the characters before it and by nothing else (the length varies,
-so no fixed offset does). Measured on the main job's tiny model, 8 such sequences of 384 tokens per
-step: the loss leaves chance after ~200 steps (transformers' Llama of the same shape alike), where
-450 steps of strings of 48-96 characters tiled along the sequence or 800 steps of passkey sequences
-left it at chance. Not yet enough for passkey retrieval in the main job's budget: 500 steps of copy
-sequences, then 600 of text, passkey and copy mixed, still retrieved nothing.
+From its second character on, a repeat is predictable by matching the characters before it and by
+nothing else (lengths and gaps vary, so no fixed offset does).
+
+What the main job's tiny model (4 layers, 128 wide, 8 x 384 tokens per step) was measured to learn:
+
+- passkey sequences alone (1000 steps), or strings of 48-96 characters tiled along the sequence (450
+  steps; transformers' Llama of the same shape alike): nothing, the answer stays at chance;
+- immediate repeats (copy_gap 0): copy heads form after ~200-300 steps, but they attend locally,
+  repeats 30 characters apart score worse than chance;
+- gaps up to 128 from the start, uniform or log-uniform: nothing in 600 steps;
+- immediate repeats first, then a gap limit growing ~0.15 characters per step (``data.copy_gap_ramp``):
+  repeats 30 apart are copied (0.5 nats per character), and once passkey sequences join, retrieval
+  generalises to the whole window: in one such run all 18 in-window passkeys after 1000 steps. The
+  transition is abrupt and its step varies from run to run.
 
 Training sequences differ from the evaluation's in what can be memorised: the filler is text of
 the training split (a random snippet, tiled to the needed length as the evaluation tiles its
-sentences, or a plain run of text where the snippet is long enough), the passkeys are drawn from
+sentences, or a plain run of text where the snippet is long enough) with its digit tokens left out,
+so the key is the prompt's only number as in the evaluation's filler; the passkeys are drawn from
 the data seed and the sample's index, and the key depth is uniform in [0, 1].
 """
 
@@ -47,8 +55,10 @@ KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 DIGITS = 5  # the passkey's length in digits, no leading zero
 MIN_FILLER = 16  # tokens of filler a training sequence has at least (and the shortest tiled snippet)
+_FILLER_TRIES = 100
 COPY_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 COPY_MIN, COPY_MAX = 3, 10  # characters of a copy sequence's random strings
+GAP_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ ,."  # between a string and its repeat: none of COPY_ALPHABET
 
 
 def random_key(rng: np.random.Generator, digits: int = DIGITS) -> str:
@@ -80,23 +90,39 @@ class RetrievalSamples(torch.utils.data.Dataset):
     """
 
     def __init__(self, tokenizer: Tokenizer, filler: Sequence[dict], seq_len: int, count: int, seed: int,
-                 packed: bool = False, kind: str = "passkey"):
+                 packed: bool = False, kind: str = "passkey", copy_gap: int = 0,
+                 copy_gap_ramp: tuple[int, int] = (0, 0)):
         # passkey sequences: room for filler on both sides of the key line whatever the key's token count
         if kind != "copy" and fixed_length(tokenizer) + MIN_FILLER > seq_len + 1:
             raise DataError("data.seq_len", f"{seq_len} tokens: a retrieval sequence (data.retrieval_share) takes "
                             f"{fixed_length(tokenizer)} tokens without filler, plus at least {MIN_FILLER} of filler")
         self.tokenizer, self.filler, self.seq_len = tokenizer, filler, seq_len
         self.count, self.seed, self.packed, self.kind = count, seed, packed, kind
+        self.copy_gap, self.copy_gap_ramp, self.step = copy_gap, copy_gap_ramp, 0
+        self._no_digit: dict[int, bool] = {}  # token id -> its text has no digit
 
     def __len__(self) -> int:
         return self.count
 
+    def _without_digits(self, tokens: torch.Tensor) -> list[int]:
+        keep = self._no_digit
+        for t in set(tokens.tolist()) - keep.keys():
+            keep[t] = not any(c.isdigit() for c in self.tokenizer.decode([t]))
+        return [t for t in tokens.tolist() if keep[t]]
+
     def _text(self, rng: np.random.Generator, n: int) -> list[int]:
-        """``n`` tokens of training text: a snippet of MIN_FILLER tokens up to a whole window, tiled."""
-        window = self.filler[int(rng.integers(len(self.filler)))]["tokens"]
+        """``n`` tokens of filler: a snippet of training text (MIN_FILLER tokens up to a whole window,
+        its digit tokens left out, so the key is the prompt's only number as in the evaluation), tiled."""
+        for _ in range(_FILLER_TRIES):
+            window = self._without_digits(self.filler[int(rng.integers(len(self.filler)))]["tokens"])
+            if len(window) >= MIN_FILLER:
+                break
+        else:
+            raise DataError("data.retrieval_share", f"no training window among {_FILLER_TRIES} drawn has "
+                            f"{MIN_FILLER} tokens without digits for a passkey sequence's filler")
         unit = int(rng.integers(MIN_FILLER, len(window) + 1))
         start = int(rng.integers(len(window) - unit + 1))
-        snippet = window[start : start + unit].tolist()
+        snippet = window[start : start + unit]
         return (snippet * (n // unit + 1))[:n]
 
     def _passkey(self, rng: np.random.Generator) -> list[int]:
@@ -106,13 +132,26 @@ class RetrievalSamples(torch.utils.data.Dataset):
         filler = self._text(rng, n_filler)
         return head + filler[:n_before] + key_line + filler[n_before:] + question + answer
 
+    def set_step(self, step: int) -> None:
+        """The training step the next samples are for (``copy_gap_ramp``: the sampler calls it)."""
+        self.step = step
+
+    def gap_limit(self) -> int:
+        """The longest copy gap at the current step: 0 before the ramp, ``copy_gap`` after it."""
+        first, last = self.copy_gap_ramp
+        if self.step >= last:
+            return self.copy_gap
+        return int(self.copy_gap * max(0, self.step - first) / (last - first))
+
     def _copy(self, rng: np.random.Generator) -> list[int]:
         tok = self.tokenizer
         ids = [tok.bos_id] if tok.bos_id is not None else []
         newline = tok.encode("\n")
+        limit = self.gap_limit()
         while len(ids) < self.seq_len + 1:
             string = tok.encode("".join(rng.choice(list(COPY_ALPHABET), int(rng.integers(COPY_MIN, COPY_MAX + 1)))))
-            ids += string + string + newline
+            gap = tok.encode("".join(rng.choice(list(GAP_ALPHABET), int(rng.integers(0, limit + 1)) if limit else 0)))
+            ids += string + gap + string + newline
         return ids[: self.seq_len + 1]
 
     def __getitem__(self, i: int) -> dict:

@@ -47,6 +47,10 @@ class DataIterator:
     Each step consumes one global batch of ``batch_size * dp_size`` samples of the epoch's order; rank
     ``dp_rank`` takes its contiguous slice. The tail that cannot fill a global batch is dropped, so all
     ranks take the same number of steps. ``state_dict()`` is identical on every rank.
+
+    Samples (or parts of a ``ConcatDataset``) with a ``set_step`` method are a curriculum
+    (``data.copy_gap_ramp``): each is told the step of the batch before it is drawn, so a resumed
+    iterator makes the same batches as an uninterrupted one.
     """
 
     def __init__(self, samples: Sequence[dict], batch_size: int, seed: int = 0, dp_rank: int = 0, dp_size: int = 1):
@@ -79,6 +83,10 @@ class DataIterator:
             self.epoch, self.position = self.epoch + 1, 0
         start = self.position * self.global_batch + self.dp_rank * self.batch_size
         indices = self._epoch_order()[start : start + self.batch_size]
+        step = self.epoch * self.steps_per_epoch + self.position
+        for part in getattr(self.samples, "datasets", [self.samples]):
+            if hasattr(part, "set_step"):  # a curriculum (data.copy_gap_ramp): samples depend on the step
+                part.set_step(step)
         self.position += 1
         return collate([self.samples[int(i)] for i in indices])
 

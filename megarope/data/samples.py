@@ -212,7 +212,8 @@ def build_samples(cfg: DataConfig, split: str = "train", tokenizer: Optional[Tok
     count = round(len(text) * cfg.retrieval_share / (1 - cfg.retrieval_share))
     # the filler is cut from the text samples; the shuffling sampler interleaves the two kinds
     retrieval = RetrievalSamples(tok, text, cfg.seq_len, count, cfg.seed,
-                                 packed=cfg.mode == "packed" and cfg.reset_position_ids, kind=cfg.retrieval_kind)
+                                 packed=cfg.mode == "packed" and cfg.reset_position_ids, kind=cfg.retrieval_kind,
+                                 copy_gap=cfg.copy_gap, copy_gap_ramp=tuple(cfg.copy_gap_ramp))
     return torch.utils.data.ConcatDataset([text, retrieval])
 
 

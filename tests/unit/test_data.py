@@ -224,8 +224,9 @@ def test_truncated_cuts_skips_and_pads(tmp_path, cache):
 
 def test_retrieval_share_mixes_passkey_sequences_of_training_text(tmp_path, cache):
     """With retrieval_share 0.6, 60% of the samples are retrieval sequences: the passkey
-    template (as the evaluation's), filler cut from the training text, a random key at a random
-    depth asked for at the end; full length, trained on every token, reproducible."""
+    template (as the evaluation's), filler cut from the training text with its digits left out (the
+    key is the only number, as in the evaluation), a random key at a random depth asked for at the
+    end; full length, trained on every token, reproducible."""
     texts = [f"doc {i}: " + "".join(chr(97 + (i * 7 + j) % 26) for j in range(900)) for i in range(8)]
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])
     base = DataConfig(source=src, seq_len=320, cache_dir=cache, eval_fraction=0)
@@ -236,7 +237,7 @@ def test_retrieval_share_mixes_passkey_sequences_of_training_text(tmp_path, cach
         assert torch.equal(mixed[i]["tokens"], text_only[i]["tokens"])
     tok = ByteTokenizer()
     keys, depths = [], []
-    corpus = "".join(texts)
+    corpus = re.sub(r"\d", "", "".join(texts))
     for i in range(len(text_only), len(mixed)):
         x = mixed[i]
         assert x["tokens"].shape == (320,) and torch.equal(x["labels"][:-1], x["tokens"][1:])
@@ -249,8 +250,9 @@ def test_retrieval_share_mixes_passkey_sequences_of_training_text(tmp_path, cach
                              r"What is the pass key\? The pass key is (\d{5})", rest, re.S)
         assert match and match[2] == match[4] and match[2][0] != "0"
         before, after = match[1], match[3]
-        # the filler is the training text: a snippet of it, tiled
+        # the filler is the training text: a snippet of it without digits, tiled
         filler = before + after
+        assert not re.search(r"\d", filler)
         unit = next(n for n in range(16, len(filler) + 1) if filler[n:] == (filler[:n] * len(filler))[: len(filler) - n])
         assert filler[:unit] in corpus
         keys.append(match[2])
@@ -298,8 +300,58 @@ def test_copy_sequences_repeat_each_random_string_at_once(tmp_path, cache):
     assert short[len(short) - 1]["tokens"].shape == (64,)
 
 
+def test_copy_gap_puts_filler_between_a_string_and_its_repeat(tmp_path, cache):
+    """data.copy_gap=G: each repeat follows its string after 0..G characters none of which can occur
+    in a string, all gap lengths drawn; with copy_gap=0 every repeat follows at once."""
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "p" * 3000}])
+    base = dict(source=src, seq_len=320, cache_dir=cache, eval_fraction=0, retrieval_share=0.5, retrieval_kind="copy")
+    plain, gapped = build_samples(DataConfig(**base)), build_samples(DataConfig(**base, copy_gap=12))
+    first = len(build_samples(DataConfig(**{**base, "retrieval_share": 0.0})))
+    assert {g for i in range(first, len(plain)) for g in _copy_gaps(plain[i]["tokens"])} == {0}
+    gaps = []
+    for i in range(first, len(gapped)):
+        gaps += _copy_gaps(gapped[i]["tokens"])
+    assert set(gaps) == set(range(13))
+
+
+def _copy_gaps(row: torch.Tensor) -> list[int]:
+    """The gap lengths of a copy sequence's complete lines (none for a text row: it has no line)."""
+    lines = ByteTokenizer().decode(row[1:].tolist()).split("\n")[:-1]
+    matches = [re.fullmatch(r"([0-9a-z]{3,10})([A-Z ,.]*)\1", line) for line in lines]
+    assert all(matches), lines
+    return [len(m[2]) for m in matches]
+
+
+def test_copy_gap_ramp_grows_the_gap_limit_with_the_step(tmp_path, cache):
+    """data.copy_gap_ramp=[2, 6]: the sampler tells the samples its step; gaps are 0 up to step 2, at
+    most copy_gap*(step-2)/4 on the ramp, up to copy_gap from step 6 on; a resumed iterator makes
+    the same batches as the uninterrupted one."""
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "p" * 3000}])
+    cfg = DataConfig(source=src, seq_len=320, cache_dir=cache, eval_fraction=0, retrieval_share=0.9,
+                     retrieval_kind="copy", copy_gap=20, copy_gap_ramp=[2, 6])
+    samples = build_samples(cfg)
+    batches = DataIterator(samples, 8, seed=3)
+    longest = []
+    for step in range(9):
+        batch = next(batches)
+        longest.append(max(g for row in batch["tokens"] for g in _copy_gaps(row) or [0]))
+        if step == 4:
+            state = batches.state_dict()
+    limits = [0, 0, 0, 5, 10, 15, 20, 20, 20]
+    assert all(m <= limit for m, limit in zip(longest, limits)) and longest[-3:] != [0, 0, 0], longest
+    assert min(longest[-3:]) >= 15, longest
+    resumed = DataIterator(samples, 8, seed=3)
+    resumed.load_state_dict(state)
+    again = DataIterator(build_samples(cfg), 8, seed=3)
+    expected = [next(again) for _ in range(9)][5:]
+    for want in expected:
+        assert torch.equal(next(resumed)["tokens"], want["tokens"])
+
+
 @pytest.mark.parametrize("change, message", [
     ({"retrieval_kind": "needle"}, "expected one of passkey|copy|mixed"),
+    ({"copy_gap": -1}, "expected a non-negative integer"),
+    ({"copy_gap_ramp": [5, 2]}, "expected [first, last] steps"),
     ({"retrieval_share": 1.0}, "expected a share in"),
     ({"retrieval_share": -0.1}, "expected a share in"),
     ({"retrieval_share": 0.3, "kind": "sft"}, "kind='lm' only"),
@@ -308,9 +360,9 @@ def test_copy_sequences_repeat_each_random_string_at_once(tmp_path, cache):
 def test_retrieval_share_checked(change, message, tmp_path, cache):
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "q" * 3000}])
     cfg = DataConfig(**{"source": src, "seq_len": 320, "cache_dir": cache, "eval_fraction": 0, **change})
-    field = "data.seq_len" if "seq_len" in change else "data.retrieval_kind" if "retrieval_kind" in change \
-        else "data.retrieval_share"
-    with pytest.raises(DataError, match=field.replace(".", r"\.") + ".*" + re.escape(message)):
+    field = "data." + next(k for k in ("seq_len", "retrieval_kind", "copy_gap_ramp", "copy_gap", "retrieval_share")
+                           if k in change)
+    with pytest.raises(DataError, match=re.escape(field) + ".*" + re.escape(message)):
         build_samples(cfg)
 
 
