@@ -26,9 +26,11 @@ What the main job's tiny model (4 layers, 128 wide, 8 x 384 tokens per step) was
   repeats 30 characters apart score worse than chance;
 - gaps up to 128 from the start, uniform or log-uniform: nothing in 600 steps;
 - immediate repeats first, then a gap limit growing ~0.15 characters per step (``data.copy_gap_ramp``):
-  repeats 30 apart are copied (0.5 nats per character), and once passkey sequences join, retrieval
-  generalises to the whole window: in one such run all 18 in-window passkeys after 1000 steps. The
-  transition is abrupt and its step varies from run to run.
+  repeats 30 apart are copied (0.03-0.5 nats per character), and once passkey sequences join,
+  retrieval can generalise to the whole window: one such run retrieved all 18 in-window passkeys
+  after 1000 steps (600 of copy rows, then passkey, copy and text). The transition is abrupt and
+  not reliable: two runs of that schedule as stages (copy, then pretrain) retrieved nothing after
+  1300 and 1500 steps.
 
 Training sequences differ from the evaluation's in what can be memorised: the filler is text of
 the training split (a random snippet, tiled to the needed length as the evaluation tiles its
@@ -55,7 +57,7 @@ KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 DIGITS = 5  # the passkey's length in digits, no leading zero
 MIN_FILLER = 16  # tokens of filler a training sequence has at least (and the shortest tiled snippet)
-_FILLER_TRIES = 100
+_FILLER_TRIES = 100  # windows drawn for a passkey sequence's filler before giving up
 COPY_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 COPY_MIN, COPY_MAX = 3, 10  # characters of a copy sequence's random strings
 GAP_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ ,."  # between a string and its repeat: none of COPY_ALPHABET
