@@ -29,7 +29,8 @@ What the main job's tiny model (4 layers, 128 wide, 8 x 384 tokens per step) was
   repeats 30 apart are copied (0.03-0.5 nats per character), and once passkey sequences join,
   retrieval generalises to the whole window: 600 steps of copy rows (gap limit 0 until step 200),
   then 3 passkey, 2 copy and 3 text rows per batch, retrieved all 18 in-window passkeys by step
-  1000-1100 in 3 of 4 seeds (in the fourth the copy heads had not formed before the gaps grew).
+  1000-1100 in 3 of 5 runs (in one the copy heads had not formed before the gaps grew, in one
+  they formed but had not reached long range when passkeys joined).
   Retrieval's first digit comes last and abruptly. Not yet through the CLI: as two stages (copy,
   then pretrain) it retrieved nothing in two runs; a fresh optimizer at the boundary alone cut
   one working seed to 0.17 at step 1100.
