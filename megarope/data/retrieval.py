@@ -110,10 +110,10 @@ class RetrievalSamples(torch.utils.data.Dataset):
         return self.count
 
     def _without_digits(self, tokens: torch.Tensor) -> list[int]:
-        keep = self._no_digit
-        for t in set(tokens.tolist()) - keep.keys():
+        ids, keep = tokens.tolist(), self._no_digit
+        for t in set(ids) - keep.keys():
             keep[t] = not any(c.isdigit() for c in self.tokenizer.decode([t]))
-        return [t for t in tokens.tolist() if keep[t]]
+        return [t for t in ids if keep[t]]
 
     def _text(self, rng: np.random.Generator, n: int) -> list[int]:
         """``n`` tokens of filler: a snippet of training text (MIN_FILLER tokens up to a whole window,
@@ -146,7 +146,9 @@ class RetrievalSamples(torch.utils.data.Dataset):
         first, last = self.copy_gap_ramp
         if self.step >= last:
             return self.copy_gap
-        return int(self.copy_gap * max(0, self.step - first) / (last - first))
+        if self.step <= first:
+            return 0
+        return int(self.copy_gap * (self.step - first) / (last - first))
 
     def _copy(self, rng: np.random.Generator) -> list[int]:
         tok = self.tokenizer

@@ -346,6 +346,13 @@ def test_copy_gap_ramp_grows_the_gap_limit_with_the_step(tmp_path, cache):
     expected = [next(again) for _ in range(9)][5:]
     for want in expected:
         assert torch.equal(next(resumed)["tokens"], want["tokens"])
+    # a ramp of no length ([3, 3]): no gaps before step 3, copy_gap from step 3 on
+    retrieval = build_samples(DataConfig(**{**cfg.__dict__, "copy_gap_ramp": [3, 3]})).datasets[1]
+    limits = []
+    for step in range(5):
+        retrieval.set_step(step)
+        limits.append(retrieval.gap_limit())
+    assert limits == [0, 0, 0, 20, 20]
 
 
 @pytest.mark.parametrize("change, message", [
