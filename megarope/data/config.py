@@ -36,7 +36,8 @@ class DataConfig:
     # the rest is the "eval" split, so a searched result is measured on documents it was not chosen on
     fitness_fraction: float = 0.5
     # lm only: share of the training samples that are synthetic passkey-retrieval sequences
-    # (megarope.data.retrieval), so a small model learns to attend across its whole window
+    # (megarope.data.retrieval), so a small model learns to attend across its whole window; 1.0:
+    # retrieval sequences only, as many as there are text samples (the text is their filler)
     retrieval_share: float = 0.0
     # which retrieval sequences: "passkey" (the evaluation's prompt format), "copy" (short random
     # strings, each repeated after a gap of up to copy_gap characters: dense copying, which forms the
@@ -69,8 +70,8 @@ def check_config(cfg: DataConfig) -> None:
         raise DataError("data.eval_fraction", f"expected a value in [0, 1), got {cfg.eval_fraction!r}")
     if not 0.0 < cfg.fitness_fraction < 1.0:
         raise DataError("data.fitness_fraction", f"expected a value in (0, 1), got {cfg.fitness_fraction!r}")
-    if not 0.0 <= cfg.retrieval_share < 1.0:
-        raise DataError("data.retrieval_share", f"expected a share in [0, 1), got {cfg.retrieval_share!r}")
+    if not 0.0 <= cfg.retrieval_share <= 1.0:
+        raise DataError("data.retrieval_share", f"expected a share in [0, 1], got {cfg.retrieval_share!r}")
     if cfg.retrieval_kind not in RETRIEVAL_KINDS:
         raise DataError("data.retrieval_kind", f"expected one of {'|'.join(RETRIEVAL_KINDS)}, got {cfg.retrieval_kind!r}")
     if not isinstance(cfg.copy_gap, int) or cfg.copy_gap < 0:

@@ -11,7 +11,8 @@ One sample (``s = seq_len``)::
 
 With ``data.retrieval_share`` r > 0 (LM only), synthetic retrieval sequences
 (:class:`megarope.data.retrieval.RetrievalSamples`, filler cut from the split's own windows) follow
-the text samples: N text samples become N + round(N·r/(1−r)), a share r of them retrieval.
+the text samples: N text samples become N + round(N·r/(1−r)), a share r of them retrieval (r = 1:
+N retrieval samples and no text).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class RowSamples(torch.utils.data.Dataset):
         }
 
 
-Samples = Union[PackedSamples, RowSamples, torch.utils.data.ConcatDataset]
+Samples = Union[PackedSamples, RowSamples, RetrievalSamples, torch.utils.data.ConcatDataset]
 
 
 def _row(ids: Sequence[int], flags: Sequence[bool], s: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -209,12 +210,13 @@ def build_samples(cfg: DataConfig, split: str = "train", tokenizer: Optional[Tok
     text = _packed(docs, cfg, split) if cfg.mode == "packed" else _truncated(docs, cfg, tok.pad_id, split)
     if not cfg.retrieval_share:
         return text
-    count = round(len(text) * cfg.retrieval_share / (1 - cfg.retrieval_share))
+    share = cfg.retrieval_share
+    count = len(text) if share == 1 else round(len(text) * share / (1 - share))
     # the filler is cut from the text samples; the shuffling sampler interleaves the two kinds
     retrieval = RetrievalSamples(tok, text, cfg.seq_len, count, cfg.seed,
                                  packed=cfg.mode == "packed" and cfg.reset_position_ids, kind=cfg.retrieval_kind,
                                  copy_gap=cfg.copy_gap, copy_gap_ramp=tuple(cfg.copy_gap_ramp))
-    return torch.utils.data.ConcatDataset([text, retrieval])
+    return retrieval if share == 1 else torch.utils.data.ConcatDataset([text, retrieval])
 
 
 def lm_sample(tokens: torch.Tensor, loss_mask: torch.Tensor | None = None) -> dict:

@@ -146,8 +146,10 @@ def save(engine, root: Path, step: int, common: dict, keep: int = 1) -> Path:
     return final
 
 
-def load(engine, path: Path, model_only: bool = False) -> dict:
-    """Restore ``engine`` from checkpoint folder ``path``; returns its common state."""
+def load(engine, path: Path, model_only: bool = False, schedule: bool = True) -> dict:
+    """Restore ``engine`` from checkpoint folder ``path``; returns its common state. ``model_only``:
+    the weights alone; ``schedule=False``: weights and optimizer state (Adam's moments), while the
+    engine keeps its own lr schedule and RNG (a stage that continues another stage's training)."""
     saved = dist_checkpointing.load_common_state_dict(str(path)).get("common", {})
     _check_architecture(engine, path, saved.get("architecture"))
     template = _sharded(engine, loading=True, model_only=model_only)
@@ -162,6 +164,10 @@ def load(engine, path: Path, model_only: bool = False) -> dict:
         return {}
     engine.optimizer.load_state_dict(state["optimizer"])
     common = state["common"]
+    if not schedule:
+        engine.scheduler.step(increment=0)  # the loaded param groups carry the saved lr: this schedule's wins
+        engine.rope = _rope_of(engine)
+        return common
     if common.get("scheduler") and engine.scheduler is not None:
         engine.scheduler.load_state_dict(common["scheduler"])
     rng = Path(path) / f"rng_rank{ranks.rank()}.pt"

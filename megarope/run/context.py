@@ -159,8 +159,9 @@ class StageContext:
             self.run._samples[key] = samples
         return self.run._samples[key]
 
-    def engine(self, rope: RopeConfig | None = None, train_steps: int | None = None):
-        """The model with ``rope`` (default: the stage's), from the ``init`` stage's final weights."""
+    def engine(self, rope: RopeConfig | None = None, train_steps: int | None = None, init_optimizer: bool = False):
+        """The model with ``rope`` (default: the stage's), from the ``init`` stage's final weights
+        (and its optimizer state with ``init_optimizer``)."""
         from megarope.run.engine import Engine
 
         rope = rope or self.rope
@@ -169,7 +170,7 @@ class StageContext:
             ckpt = checkpoint.latest(self.run.stage_dir(self.stage.init) / "checkpoints")
             if ckpt is None:
                 raise ConfigError(f"stages.{self.stage.name}.init", f"stage {self.stage.init!r} left no checkpoint")
-            checkpoint.load(engine, ckpt, model_only=True)
+            checkpoint.load(engine, ckpt, model_only=not init_optimizer, schedule=False)
             engine.set_rope(rope)  # the checkpoint carries the init stage's RoPE; this stage's wins
         return engine
 

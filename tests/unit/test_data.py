@@ -314,6 +314,18 @@ def test_copy_gap_puts_filler_between_a_string_and_its_repeat(tmp_path, cache):
     assert set(gaps) == set(range(13))
 
 
+def test_retrieval_share_one_is_retrieval_sequences_only(tmp_path, cache):
+    """retrieval_share=1.0: as many retrieval sequences as there are text samples, and no text."""
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"text": "p" * 3000}])
+    base = dict(source=src, seq_len=320, cache_dir=cache, eval_fraction=0, retrieval_kind="copy")
+    text = build_samples(DataConfig(**base))
+    only = build_samples(DataConfig(**base, retrieval_share=1.0))
+    assert len(only) == len(text)
+    for i in range(len(only)):
+        gaps = _copy_gaps(only[i]["tokens"])
+        assert gaps and set(gaps) == {0}  # a copy row (a text row has no line)
+
+
 def _copy_gaps(row: torch.Tensor) -> list[int]:
     """The gap lengths of a copy sequence's complete lines (none for a text row: it has no line)."""
     lines = ByteTokenizer().decode(row[1:].tolist()).split("\n")[:-1]
@@ -359,7 +371,7 @@ def test_copy_gap_ramp_grows_the_gap_limit_with_the_step(tmp_path, cache):
     ({"retrieval_kind": "needle"}, "expected one of passkey|copy|mixed"),
     ({"copy_gap": -1}, "expected a non-negative integer"),
     ({"copy_gap_ramp": [5, 2]}, "expected [first, last] steps"),
-    ({"retrieval_share": 1.0}, "expected a share in"),
+    ({"retrieval_share": 1.5}, "expected a share in"),
     ({"retrieval_share": -0.1}, "expected a share in"),
     ({"retrieval_share": 0.3, "kind": "sft"}, "kind='lm' only"),
     ({"retrieval_share": 0.3, "seq_len": 200}, "takes 254 tokens without filler"),

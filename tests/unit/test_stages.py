@@ -69,6 +69,14 @@ def test_search_stage_refuses_a_prior_without_its_factors_link(tmp_path, overrid
     assert not (tmp_path / "run").exists()
 
 
+def test_train_stage_init_optimizer_needs_init(tmp_path):
+    cfg = Config(run=RunConfig(dir=str(tmp_path / "run")), stages=[{"name": "a", "kind": "train", "init_optimizer": True}])
+    with pytest.raises(ConfigError) as err:
+        Pipeline(cfg).preflight()
+    assert err.value.field == "stages.a.init_optimizer"
+    assert not (tmp_path / "run").exists()
+
+
 def _python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
