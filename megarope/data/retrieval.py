@@ -10,8 +10,8 @@ or copy heads), which is what context extension then has to preserve beyond the 
 
 ``data.retrieval_kind`` picks the sequences: ``passkey`` (the prompt above), ``copy`` or ``mixed``
 (alternating by sample index). A copy sequence is dense copying, short random strings (:data:`COPY_MIN`
-to :data:`COPY_MAX` letters and digits) each repeated after a gap of up to ``data.copy_gap``
-characters none of which occurs in a string::
+to :data:`COPY_MAX` digits and capitals) each repeated after a gap of up to ``data.copy_gap``
+text-like characters (small letters, space, comma, period: none occurs in a string)::
 
     <BOS>{R1}{gap}{R1}\n{R2}{gap}{R2}\n{R3}{gap}{R3}\n ...
 
@@ -22,18 +22,27 @@ What the main job's tiny model (4 layers, 128 wide, 8 x 384 tokens per step) was
 
 - passkey sequences alone (1000 steps), or strings of 48-96 characters tiled along the sequence (450
   steps; transformers' Llama of the same shape alike): nothing, the answer stays at chance;
-- immediate repeats (copy_gap 0): copy heads form after ~200-300 steps, but they attend locally,
-  repeats 30 characters apart score worse than chance;
-- gaps up to 128 from the start, uniform or log-uniform: nothing in 600 steps;
-- immediate repeats first, then a gap limit growing ~0.15 characters per step (``data.copy_gap_ramp``):
-  repeats 30 apart are copied (0.03-0.5 nats per character), and once passkey sequences join,
-  retrieval generalises to the whole window: 600 steps of copy rows (gap limit 0 until step 200),
-  then 3 passkey, 2 copy and 3 text rows per batch, retrieved all 18 in-window passkeys by step
-  1000-1100 in 3 of 5 runs (in one the copy heads had not formed before the gaps grew, in one
-  they formed but had not reached long range when passkeys joined).
-  Retrieval's first digit comes last and abruptly. Not yet through the CLI: as two stages (copy,
-  then pretrain) it retrieved nothing in two runs; a fresh optimizer at the boundary alone cut
-  one working seed to 0.17 at step 1100.
+- immediate repeats (copy_gap 0): copy heads form after ~200-400 steps (seed-dependent), but they
+  attend locally, repeats 30 characters apart score worse than chance; strings of 10-30 characters,
+  or a base of 10^6 instead of 10^4, formed none in 300-400 steps;
+- gaps up to 64-128 from the start, uniform or log-uniform: nothing in 400-600 steps;
+- immediate repeats first, then a gap limit growing ~0.1-0.2 characters per step
+  (``data.copy_gap_ramp``): repeats 30 apart are copied (0.01-0.9 nats per character). A ramp that
+  starts before the heads form (step 100-200 on some seeds) never recovers;
+- passkeys then follow only if the gaps look like text: with capitals as gap characters, copying
+  reached 0.05 nats at gap 30 but 450-500 mixed steps left the key at chance (8 runs); with the
+  text-like gaps above, the key's digits were learned 150-600 mixed steps in (scripted, a 600-step
+  copy phase then 3 passkey, 2 copy and 3 text rows per batch: all 18 in-window keys by step
+  1000-1100 in 3 of 5 runs; as stages, below).
+
+The curriculum through the CLI: a ``copy`` stage (``retrieval_share: 1.0``, ``retrieval_kind: copy``,
+``copy_gap: 60``, ``copy_gap_ramp: [350, 750]``, 750 steps, constant lr 3e-3), then the pre-training
+stage with ``init: copy`` and ``init_optimizer: true`` (a fresh Adam at the boundary cut a working
+scripted run from 1.0 to 0.17), 800 steps of ``retrieval_share: 0.625``, ``mixed``, ``copy_gap: 64``.
+Passkeys retrieved at the window: 5 of 6 (train.seed 7), 1 of 6 (seed 1234, digits 2-5 still at 0.64
+nats); perplexity at the window 10.0 and 12.3. Every scaled method (PI, NTK, YaRN, Llama-3,
+LongRoPE, ABF and E-ABF after 20 fine-tune steps at 8x) lost the retrieval inside the window too,
+and none retrieved at 8x: the circuit depends on the exact rotations it was trained with.
 
 Training sequences differ from the evaluation's in what can be memorised: the filler is text of
 the training split (a random snippet, tiled to the needed length as the evaluation tiles its
@@ -61,9 +70,9 @@ QUESTION = "What is the pass key? The pass key is"
 DIGITS = 5  # the passkey's length in digits, no leading zero
 MIN_FILLER = 16  # tokens of filler a training sequence has at least (and the shortest tiled snippet)
 _FILLER_TRIES = 100  # windows drawn for a passkey sequence's filler before giving up
-COPY_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+COPY_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 COPY_MIN, COPY_MAX = 3, 10  # characters of a copy sequence's random strings
-GAP_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ ,."  # between a string and its repeat: none of COPY_ALPHABET
+GAP_ALPHABET = "abcdefghijklmnopqrstuvwxyz ,."  # text-like, between a string and its repeat: none of COPY_ALPHABET
 
 
 def random_key(rng: np.random.Generator, digits: int = DIGITS) -> str:

@@ -288,7 +288,7 @@ def test_copy_sequences_repeat_each_random_string_at_once(tmp_path, cache):
         lines = tok.decode(x["tokens"][1:].tolist()).split("\n")
         for line in lines[:-1]:  # the last line is cut at the sequence's end
             half = len(line) // 2
-            assert re.fullmatch(r"[0-9a-z]{6,20}", line) and line[:half] == line[half:], line
+            assert re.fullmatch(r"[0-9A-Z]{6,20}", line) and line[:half] == line[half:], line
             strings.append(line[:half])
     assert len(set(strings)) > 0.9 * len(strings) and {len(s) for s in strings} == set(range(3, 11))
     mixed = build_samples(DataConfig(**base, retrieval_kind="mixed"))
@@ -329,7 +329,7 @@ def test_retrieval_share_one_is_retrieval_sequences_only(tmp_path, cache):
 def _copy_gaps(row: torch.Tensor) -> list[int]:
     """The gap lengths of a copy sequence's complete lines (none for a text row: it has no line)."""
     lines = ByteTokenizer().decode(row[1:].tolist()).split("\n")[:-1]
-    matches = [re.fullmatch(r"([0-9a-z]{3,10})([A-Z ,.]*)\1", line) for line in lines]
+    matches = [re.fullmatch(r"([0-9A-Z]{3,10})([a-z ,.]*)\1", line) for line in lines]
     assert all(matches), lines
     return [len(m[2]) for m in matches]
 
