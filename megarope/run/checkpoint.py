@@ -162,10 +162,11 @@ def load(engine, path: Path, model_only: bool = False, schedule: bool = True) ->
     if model_only:
         engine.rope = _rope_of(engine)
         return {}
+    if not schedule:
+        _adopt_group_settings(state["optimizer"], engine.optimizer.param_groups)
     engine.optimizer.load_state_dict(state["optimizer"])
     common = state["common"]
     if not schedule:
-        engine.scheduler.step(increment=0)  # the loaded param groups carry the saved lr: this schedule's wins
         engine.rope = _rope_of(engine)
         return common
     if common.get("scheduler") and engine.scheduler is not None:
@@ -175,6 +176,28 @@ def load(engine, path: Path, model_only: bool = False, schedule: bool = True) ->
         _set_rng_state(torch.load(rng, weights_only=False))
     engine.rope = _rope_of(engine)
     return common
+
+
+# what makes a param group (megatron's param_group_identifier_keys less the settings a stage sets)
+_GROUP_KIND = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _adopt_group_settings(saved, groups: list[dict]) -> None:
+    """Give the saved optimizer state's param groups the settings (lr, max_lr, min_lr, weight decay)
+    of ``groups``, the engine's own, matched by kind: a stage continuing another's optimizer runs its
+    own schedule, and megatron >= 0.19 finds saved groups by those settings, refusing other ones."""
+    if isinstance(saved, dict):
+        if isinstance(saved.get("param_groups"), list):
+            for group in saved["param_groups"]:
+                kind = tuple(group.get(k) for k in _GROUP_KIND)
+                own = next((g for g in groups if tuple(g.get(k) for k in _GROUP_KIND) == kind), None)
+                if own is not None:  # no such group here: megatron's load names the mismatch
+                    group.update({k: v for k, v in own.items() if k != "params"})
+        for value in saved.values():
+            _adopt_group_settings(value, groups)
+    elif isinstance(saved, list):
+        for value in saved:
+            _adopt_group_settings(value, groups)
 
 
 def _rope_of(engine):

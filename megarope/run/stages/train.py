@@ -25,7 +25,7 @@ class TrainStage(StageConfig):
     ``init_optimizer``: start from the ``init`` stage's optimizer state (Adam's moments) as well as
     its weights, as Megatron does loading a checkpoint without ``--no-load-optim``; the lr schedule
     is this stage's own. For a stage that continues another's training with other data (a
-    curriculum): a fresh Adam at such a boundary cut the main job's passkey retrieval from 1.0 to
+    curriculum): a fresh Adam at such a boundary cut a scripted run's passkey retrieval from 1.0 to
     0.17 (megarope.data.retrieval).
     """
 
