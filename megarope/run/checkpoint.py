@@ -166,14 +166,12 @@ def load(engine, path: Path, model_only: bool = False, schedule: bool = True) ->
         _adopt_group_settings(state["optimizer"], engine.optimizer.param_groups)
     engine.optimizer.load_state_dict(state["optimizer"])
     common = state["common"]
-    if not schedule:
-        engine.rope = _rope_of(engine)
-        return common
-    if common.get("scheduler") and engine.scheduler is not None:
-        engine.scheduler.load_state_dict(common["scheduler"])
-    rng = Path(path) / f"rng_rank{ranks.rank()}.pt"
-    if rng.is_file() and saved.get("layout", _layout()) == _layout():
-        _set_rng_state(torch.load(rng, weights_only=False))
+    if schedule:
+        if common.get("scheduler") and engine.scheduler is not None:
+            engine.scheduler.load_state_dict(common["scheduler"])
+        rng = Path(path) / f"rng_rank{ranks.rank()}.pt"
+        if rng.is_file() and saved.get("layout", _layout()) == _layout():
+            _set_rng_state(torch.load(rng, weights_only=False))
     engine.rope = _rope_of(engine)
     return common
 
