@@ -174,11 +174,11 @@ def test_cli_exits_2_naming_the_field_without_traceback(overrides, field, files,
 
 
 def test_main_job_refuses_a_bad_later_stage_before_pre_training(tmp_path):
-    """The search settings are the 6th stage's business; they fail before stage 1 trains."""
+    """The search settings are the 9th stage's business; they fail before stage 1 trains."""
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "megarope", "recipe=main", f"run.dir={run_dir}",
                            "search.population=2", "search.topk=8"], capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert "error: search.population: " in out and "Traceback" not in out
-    assert "pretrain" not in out and not run_dir.exists()
+    assert "stage 1/" not in out and "pretrain" not in out and not run_dir.exists()

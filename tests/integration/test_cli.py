@@ -139,6 +139,25 @@ def test_tiny_recipe_trains_and_evaluates(tmp_path):
     assert all(r["num_docs"] == 2 for r in evals)
 
 
+def test_init_optimizer_stage_continues_from_the_saved_adam_state(tmp_path):
+    """Through the CLI: a stage with ``init_optimizer`` starts from its init stage's weights and
+    Adam moments under its own lr; a weights-only stage from the same init first agrees with it
+    (same weights, same batch), then differs (fresh moments)."""
+    run_dir = tmp_path / "run"
+    steps = "train: {steps: 3, lr: 1.0e-3, warmup_steps: 0, schedule: constant}"
+    run_cli("data.seq_len=64", "train.global_batch_size=4", "train.steps=3", "train.schedule=constant",
+            "train.warmup_steps=0", "train.lr=3.0e-3",
+            f"stages=[{{name: first, kind: train}},"
+            f" {{name: adam, kind: train, init: first, init_optimizer: true, overrides: {{{steps}}}}},"
+            f" {{name: fresh, kind: train, init: first, overrides: {{{steps}}}}}]", run_dir=run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    adam, fresh = ([r for r in rows if r.get("stage") == name] for name in ("adam", "fresh"))
+    assert [r["step"] for r in adam] == [r["step"] for r in fresh] == [1, 2, 3]
+    assert {r["lr"] for r in adam} == {1.0e-3}
+    assert adam[0]["loss"] == fresh[0]["loss"]
+    assert adam[1]["loss"] != fresh[1]["loss"] and adam[2]["loss"] != fresh[2]["loss"]
+
+
 def test_dynamic_ntk_in_a_stage_scales_past_the_original_window(tmp_path):
     """A stage's dynamic NTK keeps the model's window as its own (transformers reads it from
     max_position_embeddings), so the scaling starts past 128 tokens, not past the target."""
