@@ -146,7 +146,8 @@ def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, core_attent
     keeps it on).
     ``rope`` overrides the checkpoint's RoPE configuration (e.g. to extend it); ``core_attention``
     picks the attention kernel without Transformer Engine and ``rope_fusion`` how RoPE is applied
-    (see ``megarope.mcore.spec.layer_spec``).
+    (see ``megarope.mcore.spec.layer_spec``; ``"compile"`` also turns on megatron's SwiGLU fusion,
+    ``megarope.mcore.spec.activation_fusion``).
     """
     from megatron.core import parallel_state
 
@@ -165,14 +166,14 @@ def from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, core_attent
 def build_from_hf(path: str | os.PathLike, rope: RopeConfig | None = None, core_attention: str = "sdpa",
                   rope_fusion: str = "compile", **config_overrides):
     """``from_hf`` under an already initialised parallel state (the training engine's path)."""
-    from megarope.mcore.spec import gpt_model
+    from megarope.mcore.spec import activation_fusion, gpt_model
     from megarope.mcore.weights import load_full_weights
 
     path = Path(path)
     config = read_hf_config(path)
     rope = rope or rope_from_hf_config(config)
     model = gpt_model(
-        transformer_config_from_hf(config, **config_overrides),
+        transformer_config_from_hf(config, **{**activation_fusion(rope_fusion), **config_overrides}),
         rope,
         vocab_size=config.vocab_size,
         max_sequence_length=config.max_position_embeddings,

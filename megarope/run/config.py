@@ -36,9 +36,10 @@ class ModelConfig:
     core_attention: str = "sdpa"
     # how RoPE (rotation, attention factor, query scale) is applied: "eager" (one fused function in
     # plain torch) or "compile" (the same through torch.compile; falls back to eager, with a log
-    # line, where compilation fails). eager by default for runs, as the README's main-job timing
-    # was measured; the requeued-search hang once blamed on compile was a race on the search state
-    # file (megarope.run.stages.search), with either setting
+    # line, where compilation fails; also megatron's compiled SwiGLU, bias_activation_fusion).
+    # eager by default for runs, as the README's main-job timing was measured; the requeued-search
+    # hang once blamed on compile was a race on the search state file (megarope.run.stages.search),
+    # with either setting
     rope_fusion: str = "eager"
 
 

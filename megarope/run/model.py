@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from megarope.hf.convert import build_from_hf, transformer_config_from_hf
-from megarope.mcore.spec import gpt_model
+from megarope.mcore.spec import activation_fusion, gpt_model
 from megarope.mcore.weights import initial_weights, load_full_weights, mask_padded_logits, padded_vocab
 from megarope.rope.config import RopeConfig
 from megarope.run.config import Config
@@ -42,7 +42,7 @@ def build_model(cfg: Config, rope: RopeConfig, vocab_size: int):
                              rope_fusion=cfg.model.rope_fusion, sequence_parallel=cfg.parallel.sp, **precision)
     hf = tiny_hf_config(cfg, vocab_size)
     tconfig = transformer_config_from_hf(hf, init_method_std=cfg.model.init_std, sequence_parallel=cfg.parallel.sp,
-                                         **precision)
+                                         **activation_fusion(cfg.model.rope_fusion), **precision)
     # positions are the RoPE's business (megarope's tables have no fixed length): no cap from the window
     model = gpt_model(tconfig, rope, vocab_size=hf.vocab_size, max_sequence_length=1 << 22,
                       core_attention=cfg.model.core_attention, rope_fusion=cfg.model.rope_fusion)

@@ -75,6 +75,18 @@ def test_from_hf_logits_equal_transformers(tmp_path, name, seq_len):
         assert (logits_of(model, ids) - ref).abs().max() > 1e-3
 
 
+def test_compiled_models_fuse_swiglu_with_the_same_logits(tmp_path):
+    """rope_fusion="compile" (from_hf's default) also runs megatron's SwiGLU fusion
+    (bias_activation_fusion), with the logits of the unfused model; "eager" and explicit config win."""
+    tiny_hf(tmp_path, SCALINGS["yarn"])
+    compiled = megarope.from_hf(tmp_path)
+    eager = megarope.from_hf(tmp_path, rope_fusion="eager")
+    assert compiled.config.bias_activation_fusion and not eager.config.bias_activation_fusion
+    assert not megarope.from_hf(tmp_path, bias_activation_fusion=False).config.bias_activation_fusion
+    ids = torch.randint(0, VOCAB, (2, 3 * WINDOW), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits_of(compiled, ids), logits_of(eager, ids), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "cls, config_cls, extra",
     [(MistralForCausalLM, MistralConfig, {"sliding_window": None}), (Qwen2ForCausalLM, Qwen2Config, {})],
