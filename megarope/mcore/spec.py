@@ -31,7 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megarope.mcore.attention import MegaropeCoreAttention, SDPAAttention
 from megarope.mcore.rotary import CosSinCache, MegaropeRotaryEmbedding
 from megarope.rope.config import RopeConfig
-from megarope.rope.fused import ROPE_FUSIONS
+from megarope.rope.fused import ROPE_FUSIONS, compile_works
 
 
 def te_available() -> bool:
@@ -94,12 +94,12 @@ def wrap_core_attention(spec: ModuleSpec, rope: RopeConfig, rope_fusion: str = "
 def activation_fusion(rope_fusion: str) -> dict:
     """The TransformerConfig setting that goes with ``rope_fusion``: under ``"compile"`` megatron's
     own SwiGLU fusion (``bias_activation_fusion``: silu(gate) * up in one pass, torch.compile'd by
-    megatron.core.jit) is on too. On a 2-core CPU it takes 3-5% off a forward of SmolLM2-135M at
-    4k-8k tokens (9.50 -> 9.03 s at 4k), outputs bitwise equal. Unlike the RoPE it has no eager fallback: where
-    inductor cannot compile (no C++ compiler), use ``"eager"``. Explicit config overrides win."""
+    megatron.core.jit) is on too, where ``torch.compile`` works at all (megatron has no eager
+    fallback for it). On a 2-core CPU it takes 3-5% off a forward of SmolLM2-135M at 4k-8k tokens
+    (9.50 -> 9.03 s at 4k), outputs bitwise equal. Explicit config overrides win."""
     if rope_fusion not in ROPE_FUSIONS:
         raise ValueError(f"rope_fusion must be one of {ROPE_FUSIONS}, got {rope_fusion!r}")
-    return {"bias_activation_fusion": rope_fusion == "compile"}
+    return {"bias_activation_fusion": rope_fusion == "compile" and compile_works()}
 
 
 def transformer_config(**kwargs) -> TransformerConfig:

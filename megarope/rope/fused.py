@@ -14,6 +14,7 @@ This module imports torch only.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -85,6 +86,24 @@ class _CompiledRope:
 _COMPILED = _CompiledRope()
 
 
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@functools.cache
+def compile_works() -> bool:
+    """Whether ``torch.compile`` builds kernels in this process (inductor needs a C++ compiler for CPU
+    tensors, Triton for CUDA ones): one tiny probe, once per process, one log line where it fails.
+    For fusions without a fallback of their own (megatron's compiled SwiGLU)."""
+    try:
+        torch.compile(_double)(torch.ones(2, device="cuda" if torch.cuda.is_available() else "cpu"))
+        return True
+    except Exception as err:
+        log.warning("torch.compile cannot build kernels here (%s: %s); compiled fusions stay off",
+                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return False
+
+
 def rope_function(fusion: str):
     """:func:`rope_qk` for ``fusion`` ``"eager"``, its compiled form (shared by the whole process,
     so it compiles once) for ``"compile"``."""
@@ -93,4 +112,4 @@ def rope_function(fusion: str):
     return _COMPILED if fusion == "compile" else rope_qk
 
 
-__all__ = ["ROPE_FUSIONS", "rope_function", "rope_qk"]
+__all__ = ["ROPE_FUSIONS", "compile_works", "rope_function", "rope_qk"]
