@@ -31,7 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megarope.mcore.attention import MegaropeCoreAttention, SDPAAttention
 from megarope.mcore.rotary import CosSinCache, MegaropeRotaryEmbedding
 from megarope.rope.config import RopeConfig
-from megarope.rope.fused import ROPE_FUSIONS, compile_works
+from megarope.rope.fused import check_fusion, compile_works
 
 
 def te_available() -> bool:
@@ -79,8 +79,7 @@ def wrap_core_attention(spec: ModuleSpec, rope: RopeConfig, rope_fusion: str = "
     if compilation fails; 7-54x megatron's unfused RoPE plus scale passes on a loaded 2-core CPU,
     see benchmarks/RESULTS.md) or ``"eager"`` (the same function in plain torch).
     """
-    if rope_fusion not in ROPE_FUSIONS:
-        raise ValueError(f"rope_fusion must be one of {ROPE_FUSIONS}, got {rope_fusion!r}")
+    check_fusion(rope_fusion)
     spec = copy.deepcopy(spec)
     attention = spec.submodules.self_attention.submodules
     inner = attention.core_attention
@@ -97,8 +96,7 @@ def activation_fusion(rope_fusion: str) -> dict:
     megatron.core.jit) is on too, where ``torch.compile`` works at all (megatron has no eager
     fallback for it). On a 2-core CPU it takes 3-5% off a forward of SmolLM2-135M at 4k-8k tokens
     (9.50 -> 9.03 s at 4k), outputs bitwise equal. Explicit config overrides win."""
-    if rope_fusion not in ROPE_FUSIONS:
-        raise ValueError(f"rope_fusion must be one of {ROPE_FUSIONS}, got {rope_fusion!r}")
+    check_fusion(rope_fusion)
     return {"bias_activation_fusion": rope_fusion == "compile" and compile_works()}
 
 

@@ -86,6 +86,12 @@ class _CompiledRope:
 _COMPILED = _CompiledRope()
 
 
+def check_fusion(fusion: str) -> None:
+    """ValueError naming ``rope_fusion`` unless ``fusion`` is one of :data:`ROPE_FUSIONS`."""
+    if fusion not in ROPE_FUSIONS:
+        raise ValueError(f"rope_fusion must be one of {ROPE_FUSIONS}, got {fusion!r}")
+
+
 def _double(x: torch.Tensor) -> torch.Tensor:
     return x * 2
 
@@ -107,9 +113,8 @@ def compile_works() -> bool:
 def rope_function(fusion: str):
     """:func:`rope_qk` for ``fusion`` ``"eager"``, its compiled form (shared by the whole process,
     so it compiles once) for ``"compile"``."""
-    if fusion not in ROPE_FUSIONS:
-        raise ValueError(f"rope_fusion must be one of {ROPE_FUSIONS}, got {fusion!r}")
+    check_fusion(fusion)
     return _COMPILED if fusion == "compile" else rope_qk
 
 
-__all__ = ["ROPE_FUSIONS", "compile_works", "rope_function", "rope_qk"]
+__all__ = ["ROPE_FUSIONS", "check_fusion", "compile_works", "rope_function", "rope_qk"]
